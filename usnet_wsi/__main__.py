@@ -1,0 +1,4 @@
+from usnet_wsi.cli import main
+
+if __name__ == "__main__":
+    main()

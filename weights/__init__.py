@@ -1,0 +1,1 @@
+"""Default model bundles shipped with usnet-wsi (one folder per bundle)."""
