@@ -7,7 +7,6 @@ rich (interactive terminal), plain (logs, pipes) or none (`-q`).
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import contextmanager
 from typing import Iterator, Protocol
@@ -99,8 +98,8 @@ class _PlainTask:
         eta = ""
         if self.total and rate > 0:
             eta = f" eta {max(self.total - self.done, 0) / rate:.0f}s"
-        print(f"{self.description}: {self.done}{total} ({rate:.2f}/s){eta} {extra}".rstrip(),
-              file=sys.stderr, flush=True)
+        line = f"{self.description}: {self.done}{total} ({rate:.2f}/s){eta} {extra}"
+        console().print(line.rstrip(), markup=False, soft_wrap=True)
 
     def finish(self) -> None:
         self._emit(time.monotonic())
