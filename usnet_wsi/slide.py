@@ -1,0 +1,337 @@
+"""Whole-slide access: open a slide, describe it (SlideInfo), read regions as uint8 RGB.
+
+This is the only module that imports openslide. Every OpenSlide failure is turned into a
+`SlideError` carrying the offending file, the reason and a fix; user settings that make no
+sense (a non-positive `mpp`) are `UsageError`s.
+
+Resolution (microns per level-0 pixel) is taken, in this order, from: the user's `mpp`;
+OpenSlide's `openslide.mpp-x/y`; the TIFF resolution tags (centimeter or inch units); the
+objective power (10 um/px divided by the objective, with a warning). Otherwise the slide is
+refused with a hint naming `--mpp`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from usnet_wsi.console import Reporter
+from usnet_wsi.errors import SlideError, UsageError
+
+# Compound suffixes first: "a.ome.tiff" -> "a".
+_SLIDE_SUFFIXES = (
+    ".ome.tiff", ".ome.tif", ".ome.btf", ".svs", ".tif", ".tiff", ".btf", ".ndpi", ".vms",
+    ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi", ".qptiff",
+)
+_MIB = 1 << 20
+_PLAUSIBLE_MPP = (0.01, 100.0)   # um/px; values outside come from placeholder tags (72 dpi ...)
+_UM_PER_UNIT = {"centimeter": 1e4, "inch": 25400.0}
+_MAX_READ_PX = 64 * _MIB          # level pixels read at once by thumbnail()
+_CORRUPT_HINT = ("the file looks truncated or corrupt: copy or export it again and check that "
+                 "the transfer completed (compare file sizes or checksums)")
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What is known about a slide; `to_dict()` gives a JSON-ready view."""
+
+    path: str
+    name: str
+    vendor: str | None
+    width: int
+    height: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp_x: float
+    mpp_y: float
+    mpp_source: str
+    objective_power: float | None
+    fingerprint: str
+    properties: dict[str, str] = field(repr=False)
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (tuples become lists)."""
+        d = asdict(self)
+        d["level_dimensions"] = [list(wh) for wh in self.level_dimensions]
+        d["level_downsamples"] = list(self.level_downsamples)
+        d["properties"] = dict(self.properties)
+        return d
+
+
+def slide_name(path: str | Path) -> str:
+    """File name without its slide suffix: 'a/b.ome.tiff' -> 'b', 'x.svs' -> 'x'."""
+    base = Path(path).name
+    low = base.lower()
+    for suffix in _SLIDE_SUFFIXES:
+        if low.endswith(suffix) and len(base) > len(suffix):
+            return base[: -len(suffix)]
+    stem = Path(base).stem
+    return stem or base
+
+
+def check_mpp(mpp: float | None, option: str = "--mpp") -> float | None:
+    """Validate a user resolution: None or a finite number > 0 (UsageError otherwise)."""
+    if mpp is None:
+        return None
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        raise UsageError(f"{option} {mpp!r} is not a number",
+                         f"give microns per pixel, e.g. {option} 0.25 for a 40x scan") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{option} {mpp!r} must be a finite number > 0 (microns per pixel)",
+                         f"e.g. {option} 0.25 for a 40x scan, {option} 0.5 for 20x")
+    return value
+
+
+def _check_path(path: Path) -> None:
+    """Refuse paths that cannot be a slide file, with a fix."""
+    if not path.exists():
+        raise SlideError(f"slide not found: {path}",
+                         "check the path and spelling (relative paths start in the current folder)")
+    if path.is_dir():
+        raise SlideError(f"{path} is a folder, not a slide file",
+                         "pass the slide file itself (for MIRAX the .mrxs file, for DICOM one "
+                         ".dcm file inside the folder)")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            fh.read(1)
+    except OSError as err:
+        raise SlideError(f"cannot read {path}: {err.strerror or err}",
+                         "check the file permissions and that the disk is mounted") from None
+    if size == 0:
+        raise SlideError(f"{path} is empty (0 bytes)",
+                         "the copy or export probably failed: copy the slide again")
+
+
+def _open_openslide(path: Path) -> openslide.OpenSlide:
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError(
+            f"{path} is not a slide format OpenSlide can read",
+            "give a whole-slide image (SVS, NDPI, MRXS, SCN, BIF, DICOM, tiled pyramidal TIFF, "
+            "...); convert other images with e.g. `vips tiffsave in.png out.tif --tile --pyramid "
+            "--compression jpeg`") from None
+    except (openslide.OpenSlideError, OSError, ValueError) as err:
+        raise SlideError(f"cannot open {path}: {err}", _CORRUPT_HINT) from None
+
+
+def _positive(value: str | None) -> float | None:
+    """A finite float > 0 parsed from a property value, else None."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _mpp_from_openslide(props: dict[str, str]) -> tuple[float, float] | None:
+    mx = _positive(props.get(openslide.PROPERTY_NAME_MPP_X))
+    my = _positive(props.get(openslide.PROPERTY_NAME_MPP_Y))
+    if mx is None and my is None:
+        return None
+    return (mx or my, my or mx)  # type: ignore[return-value]
+
+
+def _mpp_from_tiff(props: dict[str, str]) -> tuple[float, float] | None:
+    """mpp from tiff.XResolution/YResolution (pixels per unit) and tiff.ResolutionUnit."""
+    um = _UM_PER_UNIT.get(props.get("tiff.ResolutionUnit", "").strip().lower())
+    rx, ry = _positive(props.get("tiff.XResolution")), _positive(props.get("tiff.YResolution"))
+    if um is None or (rx is None and ry is None):
+        return None
+    mx, my = um / (rx or ry), um / (ry or rx)  # type: ignore[operator]
+    lo, hi = _PLAUSIBLE_MPP
+    if not (lo <= mx <= hi and lo <= my <= hi):
+        return None
+    return mx, my
+
+
+def _resolve_mpp(path: Path, props: dict[str, str], user_mpp: float | None,
+                 reporter: Reporter | None) -> tuple[float, float, str]:
+    """(mpp_x, mpp_y, source) following the documented order."""
+    if user_mpp is not None:
+        return user_mpp, user_mpp, "user"
+    found = _mpp_from_openslide(props)
+    if found:
+        return found[0], found[1], "openslide"
+    found = _mpp_from_tiff(props)
+    if found:
+        return found[0], found[1], "tiff"
+    objective = _positive(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+    if objective:
+        mpp = 10.0 / objective
+        if reporter is not None:
+            reporter.warn(f"{path.name}: no pixel size in the file; assuming {mpp:.4g} um/px from "
+                          f"the {objective:g}x objective (pass --mpp to set it exactly)")
+        return mpp, mpp, "objective"
+    raise SlideError(f"{path}: the pixel size (microns per pixel) is unknown: the file has no "
+                     "mpp, TIFF resolution or objective power",
+                     "pass it with --mpp, e.g. --mpp 0.25 for a 40x scan or --mpp 0.5 for 20x")
+
+
+def fingerprint(path: str | Path, level_dimensions: tuple[tuple[int, int], ...]) -> str:
+    """sha256 hex over file size, first and last MiB and the level dimensions (fast, stable)."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256()
+    h.update(f"size={size};levels={list(level_dimensions)};".encode())
+    with p.open("rb") as fh:
+        h.update(fh.read(_MIB))
+        if size > _MIB:
+            fh.seek(max(size - _MIB, _MIB))
+            h.update(fh.read(_MIB))
+    return h.hexdigest()
+
+
+def open_slide(path: str | Path, mpp: float | None = None,
+               reporter: Reporter | None = None) -> "Slide":
+    """Open a whole-slide image. SlideError (with a fix) if it cannot be used.
+
+    `mpp` (microns per level-0 pixel) overrides whatever the file says.
+    """
+    user_mpp = check_mpp(mpp)
+    p = Path(os.fspath(path)).expanduser()
+    _check_path(p)
+    osr = _open_openslide(p)
+    try:
+        info = _describe(p, osr, user_mpp, reporter)
+    except BaseException:
+        osr.close()
+        raise
+    return Slide(osr, info)
+
+
+def _describe(p: Path, osr: openslide.OpenSlide, user_mpp: float | None,
+              reporter: Reporter | None) -> SlideInfo:
+    try:
+        props = {str(k): str(v) for k, v in osr.properties.items()}
+        dims = tuple((int(w), int(h)) for w, h in osr.level_dimensions)
+        downs = tuple(float(d) for d in osr.level_downsamples)
+    except openslide.OpenSlideError as err:
+        raise SlideError(f"cannot read the structure of {p}: {err}", _CORRUPT_HINT) from None
+    if not dims or dims[0][0] <= 0 or dims[0][1] <= 0:
+        raise SlideError(f"{p} has no image pixels (level dimensions {dims})", _CORRUPT_HINT)
+    mpp_x, mpp_y, source = _resolve_mpp(p, props, user_mpp, reporter)
+    return SlideInfo(
+        path=str(p), name=slide_name(p), vendor=props.get(openslide.PROPERTY_NAME_VENDOR),
+        width=dims[0][0], height=dims[0][1], level_dimensions=dims, level_downsamples=downs,
+        mpp_x=mpp_x, mpp_y=mpp_y, mpp_source=source,
+        objective_power=_positive(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)),
+        fingerprint=fingerprint(p, dims), properties=props,
+    )
+
+
+def _composite_on_white(rgba: Image.Image) -> np.ndarray:
+    """uint8 (h, w, 3): RGBA (OpenSlide, not premultiplied) over a white background."""
+    a = np.asarray(rgba)
+    alpha = a[..., 3:4].astype(np.uint16)
+    if alpha.min() == 255:
+        return np.ascontiguousarray(a[..., :3])
+    rgb = a[..., :3].astype(np.uint16)
+    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class Slide:
+    """An open slide. Context manager; `close()` releases the file."""
+
+    def __init__(self, osr: openslide.OpenSlide, info: SlideInfo) -> None:
+        self._osr = osr
+        self.info = info
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the file handle (idempotent)."""
+        if self._osr is not None:
+            self._osr.close()
+            self._osr = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"Slide({i.path!r}, {i.width}x{i.height}, mpp={i.mpp_x:.4g}, levels={i.level_count})"
+
+    def best_level(self, downsample: float) -> int:
+        """Coarsest level whose downsample is <= `downsample` (level 0 if none)."""
+        best = 0
+        for level, d in enumerate(self.info.level_downsamples):
+            if d <= downsample * (1 + 1e-6):
+                best = level
+        return best
+
+    def read_region(self, box_l0: tuple[int, int, int, int],
+                    out_size: tuple[int, int]) -> np.ndarray:
+        """Read box_l0 = (x0, y0, x1, y1) (level-0 px, may cross the slide edge) resized to
+        out_size = (w, h); uint8 (h, w, 3) RGB, white outside the slide.
+
+        Reads from the coarsest level that still has at least the output resolution.
+        SlideError if the slide data cannot be decoded.
+        """
+        x0, y0, x1, y1 = (int(v) for v in box_l0)
+        w, h = (int(v) for v in out_size)
+        if x1 <= x0 or y1 <= y0 or w <= 0 or h <= 0:
+            raise ValueError(f"read_region: empty box {box_l0} or output size {out_size}")
+        return self._read(float(x0), float(y0), float(x1), float(y1), w, h)
+
+    def _read(self, x0: float, y0: float, x1: float, y1: float, w: int, h: int) -> np.ndarray:
+        """Core reader; float level-0 box edges (used by thumbnail bands)."""
+        if self._osr is None:
+            raise SlideError(f"{self.info.path} is closed", "open the slide again")
+        level = self.best_level(min((x1 - x0) / w, (y1 - y0) / h))
+        ds = self.info.level_downsamples[level]
+        lx0, ly0 = math.floor(x0 / ds), math.floor(y0 / ds)
+        lw = max(1, math.ceil(x1 / ds) - lx0)
+        lh = max(1, math.ceil(y1 / ds) - ly0)
+        loc = (round(lx0 * ds), round(ly0 * ds))
+        try:
+            rgba = self._osr.read_region(loc, level, (lw, lh))
+        except openslide.OpenSlideError as err:
+            raise SlideError(f"cannot read region {(x0, y0, x1, y1)} of {self.info.path} "
+                             f"(level {level}): {err}", _CORRUPT_HINT) from None
+        rgb = _composite_on_white(rgba)
+        # the box inside the window, in window (level) pixels
+        bx0, by0 = (x0 - loc[0]) / ds, (y0 - loc[1]) / ds
+        bx1, by1 = min((x1 - loc[0]) / ds, lw), min((y1 - loc[1]) / ds, lh)
+        bx0, by0 = max(bx0, 0.0), max(by0, 0.0)
+        if (bx0, by0, bx1, by1) == (0, 0, w, h) and (lw, lh) == (w, h):
+            return rgb
+        img = Image.fromarray(rgb).resize((w, h), Image.Resampling.LANCZOS,
+                                          box=(bx0, by0, bx1, by1))
+        return np.asarray(img)
+
+    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """(uint8 RGB image whose longer side is <= max_side, scale = thumbnail px per level-0 px).
+
+        Never upsamples (scale <= 1). Reads in bands so that single-level slides stay in memory.
+        """
+        if max_side < 1:
+            raise ValueError(f"thumbnail: max_side must be >= 1, got {max_side}")
+        W, H = self.info.width, self.info.height
+        scale = min(1.0, max_side / max(W, H))
+        tw, th = max(1, round(W * scale)), max(1, round(H * scale))
+        sx, sy = W / tw, H / th   # level-0 px per thumbnail px, per axis
+        level_ds = self.info.level_downsamples[self.best_level(min(sx, sy))]
+        rows_per_band = max(1, int(_MAX_READ_PX / max(1.0, W / level_ds) / (sy / level_ds)))
+        bands = []
+        for r0 in range(0, th, rows_per_band):
+            r1 = min(th, r0 + rows_per_band)
+            bands.append(self._read(0.0, r0 * sy, float(W), r1 * sy, tw, r1 - r0))
+        return np.concatenate(bands, axis=0), scale
