@@ -13,6 +13,7 @@ refused with a hint naming `--mpp`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import openslide
+import tifffile
 from PIL import Image
 
 from usnet_wsi.console import Reporter
@@ -35,6 +37,9 @@ _MIB = 1 << 20
 _PLAUSIBLE_MPP = (0.01, 100.0)   # um/px; values outside come from placeholder tags (72 dpi ...)
 _UM_PER_UNIT = {"centimeter": 1e4, "inch": 25400.0}
 _MAX_READ_PX = 64 * _MIB          # level pixels read at once by thumbnail()
+_CONVERT_HINT = ("give a whole-slide image (SVS, NDPI, MRXS, SCN, BIF, DICOM, tiled pyramidal "
+                 "TIFF ...); convert other images with e.g. `vips tiffsave in.png out.tif --tile "
+                 "--pyramid --compression jpeg`")
 _CORRUPT_HINT = ("the file looks truncated or corrupt: copy or export it again and check that "
                  "the transfer completed (compare file sizes or checksums)")
 
@@ -121,13 +126,48 @@ def _open_openslide(path: Path) -> openslide.OpenSlide:
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideError(
-            f"{path} is not a slide format OpenSlide can read",
-            "give a whole-slide image (SVS, NDPI, MRXS, SCN, BIF, DICOM, tiled pyramidal TIFF, "
-            "...); convert other images with e.g. `vips tiffsave in.png out.tif --tile --pyramid "
-            "--compression jpeg`") from None
+        raise _unsupported_error(path) from None
     except (openslide.OpenSlideError, OSError, ValueError) as err:
         raise SlideError(f"cannot open {path}: {err}", _CORRUPT_HINT) from None
+
+
+def _unsupported_error(path: Path) -> SlideError:
+    """Explain why OpenSlide refused a file: truncated or flat TIFF, or not a slide at all."""
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic[:2] not in (b"II", b"MM"):
+        return SlideError(f"{path} is not a slide format OpenSlide can read", _CONVERT_HINT)
+    problem = _tiff_problem(path)
+    if problem == "truncated":
+        return SlideError(f"{path} is truncated: its TIFF directories point past the end of the "
+                          f"file ({path.stat().st_size} bytes)", _CORRUPT_HINT)
+    if problem == "damaged":
+        return SlideError(f"{path} is a damaged TIFF (its structure cannot be parsed)",
+                          _CORRUPT_HINT)
+    if problem == "flat":
+        return SlideError(f"{path} is a TIFF without tiles (a flat image), which OpenSlide does "
+                          "not read as a slide", _CONVERT_HINT)
+    return SlideError(f"{path} is a TIFF that OpenSlide cannot read as a slide (unknown layout "
+                      "or corrupt)", f"{_CORRUPT_HINT}; or {_CONVERT_HINT}")
+
+
+def _tiff_problem(path: Path) -> str:
+    """'truncated', 'damaged', 'flat' or 'unknown', from the TIFF structure (tifffile, quiet)."""
+    log = logging.getLogger("tifffile")
+    level, log.level = log.level, logging.CRITICAL
+    try:
+        size = path.stat().st_size
+        with tifffile.TiffFile(path) as tf:
+            pages = list(tf.pages)
+            ends = [int(np.max(np.add(pg.dataoffsets, pg.databytecounts)))
+                    for pg in pages if len(pg.dataoffsets)]
+            if any(e > size for e in ends) or not pages:
+                return "truncated"
+            return "flat" if not pages[0].is_tiled else "unknown"
+    except Exception:  # noqa: BLE001 - any parse failure means a damaged TIFF
+        return "damaged"
+    finally:
+        log.level = level
 
 
 def _positive(value: str | None) -> float | None:
