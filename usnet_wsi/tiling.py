@@ -101,16 +101,16 @@ def plan_tiles(roi_l0: Box, mpp_l0: float, mpp_model: float, tile_px: int = 300,
     read_size_l0 = round(tile_px * mpp_model / mpp_l0), halo_l0 likewise from halo_px, and
     core_size_l0 = read_size_l0 - 2 * halo_l0. If `tissue` (bool mask, `tissue_scale` mask px
     per level-0 px) is given, tiles whose core touches no tissue (dilated by the halo) are
-    dropped. UsageError if the settings leave no core.
+    dropped. UsageError if the settings leave no core, or shrink a non-zero halo to 0 px.
     """
     roi_l0 = tuple(int(v) for v in roi_l0)  # type: ignore[assignment]
     _check_plan_args(roi_l0, mpp_l0, mpp_model, tile_px, halo_px)
     read = max(1, round(tile_px * mpp_model / mpp_l0))
     halo = round(halo_px * read / tile_px)
     core = read - 2 * halo
-    if core < 1:
+    if core < 1 or (halo_px > 0 and halo < 1):
         raise UsageError(f"at {mpp_l0:g} um/px a {tile_px} px tile reads only {read} level-0 px, "
-                         f"no room for a {halo} px halo",
+                         f"too few for a {halo_px} px halo around a core",
                          "check --mpp, or use a slide scanned at a finer resolution")
     x0, y0, x1, y1 = roi_l0
     n_cols, n_rows = -(-(x1 - x0) // core), -(-(y1 - y0) // core)

@@ -53,7 +53,7 @@ def _clean(raw: np.ndarray, min_area_px: int) -> np.ndarray:
     """Remove specks, bridge 1-2 px gaps, fill small holes."""
     pad = 3   # replicate the border so that opening/closing do not eat the image edge
     mask = np.pad(raw, pad, mode="edge")
-    mask = ndimage.binary_opening(mask, morphology.disk(1))
+    mask = ndimage.binary_opening(mask, np.ones((3, 3), bool))
     mask = ndimage.binary_closing(mask, morphology.disk(2))[pad:-pad, pad:-pad]
     if min_area_px > 0:
         mask = _remove_small(morphology.remove_small_objects, mask, min_area_px - 1)
