@@ -1,0 +1,177 @@
+"""Weights bundles: a folder with model.safetensors, config.json, thresholds.json, MODEL_CARD.md.
+
+Loading never unpickles: weights are read with safetensors only, their SHA-256 is checked against
+config.json, and a pickle or PyTorch checkpoint is refused with an explanation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from usnet_wsi.errors import WeightsError
+from usnet_wsi.model.spec import ModelSpec
+
+FORMAT = "usnet-wsi-bundle"
+FORMAT_VERSION = 1
+DEFAULT_BUNDLE = "usnet-monuseg-v1"
+_FILES = ("model.safetensors", "config.json", "thresholds.json")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    score: float = 0.35          # detection probability to keep a box
+    nms: float = 0.4             # box IoU above which the lower-scored box is suppressed
+    top_k: int = 1000            # candidate boxes per tile before NMS
+    min_area_px: int = 12        # smallest nucleus kept (model px)
+    rescue_prob: float = 0.5     # segmentation probability for rescued components
+    rescue_min_area_px: int = 40
+    keep_fraction: float = 0.5   # a mask losing more than this to higher-scored ones is dropped
+
+
+@dataclass
+class Bundle:
+    name: str
+    path: Path
+    spec: ModelSpec
+    thresholds: Thresholds
+    state: dict[str, torch.Tensor]
+    sha256: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self) -> "torch.nn.Module":
+        from usnet_wsi.model.usnet import USNet
+        model = USNet(self.spec)
+        try:
+            model.load_state_dict(self.state, strict=True)
+        except RuntimeError as err:
+            raise WeightsError(f"weights in {self.path} do not fit their config.json: "
+                               f"{str(err).splitlines()[0]}", "re-export the bundle") from None
+        return model.eval()
+
+
+def default_bundle_path() -> Path:
+    return Path(str(resources.files("usnet_wsi.weights") / DEFAULT_BUNDLE))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _bundle_dir(path: Path) -> Path:
+    if not path.exists():
+        raise WeightsError(f"weights not found: {path}",
+                           "give a bundle folder (with model.safetensors and config.json)")
+    if path.is_file():
+        _refuse_pickle(path)
+        if path.name not in _FILES:
+            raise WeightsError(f"{path} is not a usnet-wsi weights bundle",
+                               "give the bundle folder or its model.safetensors")
+        path = path.parent
+    missing = [f for f in _FILES if not (path / f).is_file()]
+    if missing:
+        raise WeightsError(f"{path} is not a complete weights bundle (missing {', '.join(missing)})",
+                           "give a folder written by `usnet-wsi train`")
+    return path
+
+
+def _refuse_pickle(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise WeightsError(f"{path} is a pickle / PyTorch checkpoint; usnet-wsi never unpickles "
+                           "files (unpickling can run arbitrary code)",
+                           "convert it to a bundle with safetensors, or use `usnet-wsi train`")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{path} is not valid JSON ({err})", "restore the bundle file") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} must hold a JSON object", "restore the bundle file")
+    return data
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    if config.get("format") != FORMAT:
+        raise WeightsError(f"{path} is not a usnet-wsi bundle config (format "
+                           f"{config.get('format')!r})", "give a folder written by usnet-wsi")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise WeightsError(f"{path}: bundle format version {config.get('format_version')!r} is "
+                           f"not supported (this usnet-wsi reads version {FORMAT_VERSION})",
+                           "use a usnet-wsi release that matches the bundle, or retrain")
+    for key in ("spec", "weights_sha256", "name"):
+        if key not in config:
+            raise WeightsError(f"{path} lacks {key!r}", "re-export the bundle")
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    _refuse_pickle(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{path} is not a readable safetensors file ({err})",
+                           "restore the bundle from the release or retrain") from None
+
+
+def load_bundle(path: str | Path | None = None) -> Bundle:
+    """Load and verify a bundle folder (the shipped default when path is None)."""
+    folder = _bundle_dir(Path(path) if path is not None else default_bundle_path())
+    config = _read_json(folder / "config.json")
+    _check_config(config, folder / "config.json")
+    weights = folder / "model.safetensors"
+    digest = sha256_file(weights)
+    if digest != config["weights_sha256"]:
+        raise WeightsError(f"{weights} is corrupt: SHA-256 {digest[:12]}... does not match "
+                           f"config.json ({str(config['weights_sha256'])[:12]}...)",
+                           "restore the bundle from the release or retrain")
+    spec = ModelSpec.from_dict(config["spec"])
+    thr = _read_json(folder / "thresholds.json")
+    try:
+        thresholds = Thresholds(**thr)
+    except TypeError as err:
+        raise WeightsError(f"{folder / 'thresholds.json'}: {err}", "re-export the bundle") from None
+    return Bundle(str(config["name"]), folder, spec, thresholds, _read_state(weights), digest,
+                  config)
+
+
+def save_bundle(folder: Path, name: str, model: torch.nn.Module, spec: ModelSpec,
+                thresholds: Thresholds, card: str, extra: dict[str, Any] | None = None) -> Path:
+    """Write a bundle atomically (temporary folder beside `folder`, then rename)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+              "spec": spec.to_dict(), "weights_sha256": sha256_file(tmp / "model.safetensors"),
+              **(extra or {})}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (tmp / "thresholds.json").write_text(json.dumps(asdict(thresholds), indent=2) + "\n")
+    (tmp / "MODEL_CARD.md").write_text(card)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        import shutil
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    return folder

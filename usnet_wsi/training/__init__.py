@@ -1,0 +1,1 @@
+"""Training: annotated images -> samples (data.py), the optimisation loop (loop.py)."""

@@ -1,0 +1,86 @@
+"""MODEL_CARD.md text for a trained bundle."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from usnet_wsi.model.bundle import Thresholds
+from usnet_wsi.model.spec import ModelSpec
+
+CHOICES = """\
+## Choices where the paper is silent (each configurable in config.json `spec`)
+- "Block size 4": read as the channel width of the first U-Net block (`base_width`), doubling at
+  each of the six down-sampling levels up to `max_width`. The paper recipe uses 4 -> 128; the
+  default recipe uses 8 -> 128, because 4 channels at full resolution measured too weak a
+  segmentation for the refinement step. Two 3x3 conv + BN + ReLU per block (`convs_per_block`).
+- Levels: 300 -> 150 -> 75 -> 38 -> 19 -> 10 -> 5 px (ceil-mode 2x max-pooling), bottleneck at
+  5 px, bilinear up-sampling with skip concatenation. The detector reads the *decoder* maps of
+  38, 19 and 10 px (RetinaNet reads top-down features; the paper's figure is not explicit).
+- Anchors: base sides 24, 48, 96 px on the three maps, scales 0.8 and 1.2, height/width ratios 1
+  and 0.75: 4 per cell, 7620 in all, covering about 19-115 px (the paper's 20-128 px range).
+  Matching: IoU >= 0.5 positive, < 0.4 negative, every nucleus also takes its best anchor.
+  Box coding: SSD (cx, cy, w, h) offsets with variances 0.1 / 0.2.
+- Focal loss gamma = 2; eta from the segmentation output thresholded at 0.5 (eq. 4), a class that
+  is never predicted counts as one pixel. L_conf normalised by the number of positive anchors.
+- Refinement: box scaled 1.5x about its centre, cropped with bilinear sampling to 48x48; four conv
+  layers (48 px conv, pool, 24 px conv, upsample + skip conv, 1x1 conv); BCE + Dice loss on
+  jittered ground-truth boxes, trained jointly with US-Net (Adam 1e-3).
+- Default-recipe improvements over the paper: (1) three segmentation classes (background,
+  interior, boundary) with an extra cross-entropy term, which separates touching nuclei; (2) the
+  refiner also sees the segmentation probabilities; (3) segmentation components that no detection
+  covers are refined and kept ("rescue"), at half their mean probability as score; (4) Adam
+  (lr 1e-3, cosine decay) for the U-Net instead of SGD lr 1e-4, which barely moves within a CPU
+  budget of hours. `--recipe paper` turns all four off.
+- Instances: masks painted in score order, no overlaps; a mask that keeps less than half of its
+  area is dropped. Score and NMS thresholds tuned on the validation split (thresholds.json).
+"""
+
+
+def model_card(name: str, spec: ModelSpec, thr: Thresholds, metrics: dict[str, float],
+               state: Any, cfg: Any, info: dict[str, Any] | None) -> str:
+    info = info or {}
+    hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        hw = torch.cuda.get_device_name(0)
+    val = ", ".join(info.get("validation_images", [])) or "none"
+    mtxt = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (none) | |"
+    return f"""# {name}
+
+US-Net (Xu et al., arXiv 1902.00125) nuclei detector + segmenter + 48x48 refiner for H&E at
+{spec.mpp} um/px (40x), recipe `{spec.recipe}`. Written by `usnet-wsi train`.
+
+## Data and license
+Trained on MoNuSeg 2018 training images (Kumar et al., IEEE TMI 2017/2019; TCGA H&E, 7 organs,
+1000x1000 at 0.2527 um/px). **License: CC BY-NC-SA 4.0 (non-commercial, share-alike),
+inherited from MoNuSeg.** Training images: {len(info.get('train_images', []))}.
+Validation split (never trained on): {val}.
+
+## Validation (per-image mean over the validation images, in-memory tiling)
+| metric | value |
+|---|---|
+{mtxt}
+
+The slide-level numbers (each validation image written as a pyramidal slide and run through
+`usnet-wsi segment`) are in benchmarks/results/accuracy.md.
+
+## Training
+Epochs completed: {state.epoch} (of {cfg.epochs}); steps: {state.step}; batch size
+{cfg.batch_size}; time: {state.elapsed_s / 60:.1f} min on {hw} (torch {torch.__version__}).
+Command: `{info.get('command', 'usnet-wsi train')}`
+
+## Thresholds (tuned on validation)
+```json
+{json.dumps(asdict(thr), indent=2)}
+```
+
+## Architecture
+```json
+{json.dumps(spec.to_dict(), indent=2)}
+```
+
+{CHOICES}"""

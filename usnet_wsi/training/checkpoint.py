@@ -1,0 +1,58 @@
+"""Resumable training state without pickle: weights and optimizer tensors in safetensors,
+scalars and hyper-parameters in JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from usnet_wsi.errors import DataError
+
+
+def _flatten(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    tensors, meta = {}, []
+    for k, opt in enumerate(opts):
+        sd = opt.state_dict()
+        for pid, st in sd["state"].items():
+            for name, val in st.items():
+                t = val if torch.is_tensor(val) else torch.tensor(val)
+                tensors[f"opt{k}.{pid}.{name}"] = t.detach().cpu().contiguous()
+        meta.append(sd["param_groups"])
+    return tensors, meta
+
+
+def save_checkpoint(folder: Path, model: torch.nn.Module, opts: list[torch.optim.Optimizer],
+                    state: Any) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, groups = _flatten(opts)
+    tensors.update({f"model.{k}": v.detach().cpu().contiguous()
+                    for k, v in model.state_dict().items()})
+    tmp = folder / "state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / "state.safetensors")
+    meta = {"state": asdict(state), "param_groups": groups}
+    (folder / "state.json.tmp").write_text(json.dumps(meta))
+    os.replace(folder / "state.json.tmp", folder / "state.json")
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, opts: list[torch.optim.Optimizer]
+                    ) -> dict[str, Any]:
+    if not (folder / "state.json").is_file():
+        raise DataError(f"nothing to resume in {folder}", "drop --resume to start afresh")
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for k, opt in enumerate(opts):
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in tensors.items():
+            if key.startswith(f"opt{k}."):
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][k]})
+    return meta["state"]

@@ -1,0 +1,227 @@
+"""The training loop: joint US-Net + refiner optimisation, validation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from usnet_wsi import losses
+from usnet_wsi.anchors import make_anchors
+from usnet_wsi.console import Reporter
+from usnet_wsi.model.bundle import Bundle, Thresholds, load_bundle, save_bundle
+from usnet_wsi.model.refine import context_boxes, crop_resize
+from usnet_wsi.model.spec import ModelSpec, recipe_spec
+from usnet_wsi.model.usnet import USNet
+from usnet_wsi.training.batches import Batch, epoch_windows, make_batch, refine_samples
+from usnet_wsi.training.data import Annotated
+from usnet_wsi.training.validate import validate
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: Path
+    recipe: str = "default"
+    epochs: int = 40
+    batch_size: int = 8
+    max_minutes: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    val_every: int = 2
+    refine_per_image: int = 24
+    name: str = "usnet-custom"
+    lr_scale: float = 1.0
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step: int = 0
+    best_aji: float = -1.0
+    elapsed_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def make_optimizers(model: USNet, recipe: str, lr_scale: float = 1.0) -> list[torch.optim.Optimizer]:
+    """Paper: Adam 1e-3 for the detector, SGD 1e-4 (momentum 0.9, wd 1e-4) for the U-Net.
+    Default recipe: Adam 1e-3 for the U-Net too (the paper's SGD 1e-4 barely moves the U-Net
+    within a CPU budget of hours). The refiner always uses Adam 1e-3."""
+    det = torch.optim.Adam(model.detector_parameters(), lr=1e-3 * lr_scale)
+    if recipe == "paper":
+        unet = torch.optim.SGD(model.unet_parameters(), lr=1e-4 * lr_scale, momentum=0.9,
+                               weight_decay=1e-4)
+    else:
+        unet = torch.optim.AdamW(model.unet_parameters(), lr=1e-3 * lr_scale, weight_decay=1e-4)
+    ref = torch.optim.Adam(model.refiner_parameters(), lr=1e-3 * lr_scale)
+    for opt in (det, unet, ref):
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return [det, unet, ref]
+
+
+def set_lr(opts: list[torch.optim.Optimizer], frac: float) -> None:
+    """Cosine decay from the base rate to 5% of it over the run (frac in [0, 1])."""
+    f = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
+    for opt in opts:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+
+
+def seg_loss(model: USNet, seg_logits: torch.Tensor, target: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """(L_seg (paper eq. 2, L1), extra cross-entropy for the default recipe or 0)."""
+    probs = model.seg_probs(seg_logits)
+    if model.spec.seg_classes == 1:
+        l1 = losses.seg_l1(probs, target[:, None].float())
+        return l1, l1 * 0.0
+    onehot = F.one_hot(target, model.spec.seg_classes).permute(0, 3, 1, 2).float()
+    weights = torch.tensor([1.0, 1.0, 2.0], device=seg_logits.device)[: model.spec.seg_classes]
+    return losses.seg_l1(probs, onehot), F.cross_entropy(seg_logits, target, weight=weights)
+
+
+def refiner_loss(model: USNet, x: torch.Tensor, probs: torch.Tensor, batch: Batch,
+                 cfg: TrainConfig, rng: np.random.Generator, dev: torch.device) -> torch.Tensor:
+    bidx, boxes, ids = refine_samples(batch, cfg.refine_per_image, rng)
+    if len(bidx) == 0:
+        return x.sum() * 0.0
+    spec = model.spec
+    crops = context_boxes(boxes, spec.refine_context, spec.input_size).to(dev)
+    inp = torch.cat([x, probs.detach()], 1) if spec.refine_inputs == "rgb+seg" else x
+    bidx = bidx.to(dev)
+    crop_in = crop_resize(inp, bidx, crops, spec.refine_size)
+    inst = (batch.labels.to(dev)[bidx] == ids.to(dev)[:, None, None]).float()[:, None]
+    target = (crop_resize(inst, torch.arange(len(bidx), device=dev), crops, spec.refine_size)
+              > 0.5).float()
+    return losses.refine_loss(model.refiner(crop_in), target)
+
+
+def train_step(model: USNet, batch: Batch, anchors: torch.Tensor, opts, cfg: TrainConfig,
+               rng: np.random.Generator, dev: torch.device) -> dict[str, float]:
+    model.train()
+    x = model.normalise(batch.images.to(dev))
+    out = model(x)
+    l_seg, l_ce = seg_loss(model, out.seg_logits, batch.seg.to(dev))
+    probs = model.seg_probs(out.seg_logits)
+    eta_bg, eta_fg = losses.eta_weights((model.foreground(probs) > 0.5).detach())
+    labels = batch.anchor_labels.to(dev)
+    l_conf = losses.focal_conf(out.conf_logits, labels, eta_bg, eta_fg)
+    l_loc = losses.loc_loss(out.loc, batch.loc_targets.to(dev), labels)
+    l_ref = refiner_loss(model, x, probs, batch, cfg, rng, dev)
+    total = losses.usnet_loss(l_conf, l_loc, l_seg) + l_ce + l_ref
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    for opt in opts:
+        opt.step()
+    return {"conf": l_conf.item(), "loc": l_loc.item(), "seg": l_seg.item(),
+            "ce": l_ce.item(), "ref": l_ref.item()}
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".checkpoint")
+
+
+def _init(cfg: TrainConfig, dev: torch.device, reporter: Reporter) -> tuple[
+        USNet, list, TrainState]:
+    from usnet_wsi.training.checkpoint import load_checkpoint
+    torch.manual_seed(cfg.seed)
+    model = USNet(recipe_spec(cfg.recipe)).to(dev)
+    opts = make_optimizers(model, cfg.recipe, cfg.lr_scale)
+    state = TrainState()
+    if cfg.resume:
+        state = TrainState(**load_checkpoint(checkpoint_dir(cfg.out), model, opts))
+        reporter.info(f"resumed at epoch {state.epoch} (step {state.step}, "
+                      f"best AJI {state.best_aji:.4f})")
+    return model, opts, state
+
+
+def _run_epoch(model, opts, data, anchors, cfg, state, rng, dev, t_start, reporter) -> bool:
+    """One pass over the shuffled paper windows. Returns False when time ran out."""
+    wins = epoch_windows(data, rng)
+    n_batches = len(wins) // cfg.batch_size
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+    agg: dict[str, float] = {}
+    with reporter.task(f"epoch {state.epoch + 1}/{cfg.epochs}", n_batches) as task:
+        for b in range(n_batches):
+            elapsed = state.elapsed_s + time.monotonic() - t_start
+            frac = (state.epoch + b / n_batches) / cfg.epochs
+            if budget:
+                frac = max(frac, elapsed / budget)
+                if elapsed > budget:
+                    return False
+            set_lr(opts, frac)
+            batch = make_batch(data, wins[b * cfg.batch_size:(b + 1) * cfg.batch_size],
+                               model.spec, anchors, rng)
+            parts = train_step(model, batch, anchors, opts, cfg, rng, dev)
+            state.step += 1
+            for k, v in parts.items():
+                agg[k] = agg.get(k, 0.0) + v / n_batches
+            task.advance(1, **{k: f"{v:.3f}" for k, v in parts.items()})
+    state.history.append({"epoch": state.epoch + 1, **{k: round(v, 5) for k, v in agg.items()}})
+    return True
+
+
+def train(cfg: TrainConfig, data: list[Annotated], val: list[Annotated], reporter: Reporter,
+          card_info: dict | None = None) -> Path:
+    """Train, validate every `val_every` epochs, keep the best bundle in cfg.out, tune thresholds."""
+    from usnet_wsi.predict import resolve_device
+    from usnet_wsi.training.checkpoint import save_checkpoint
+    dev = resolve_device(cfg.device)
+    rng = np.random.default_rng(cfg.seed)
+    model, opts, state = _init(cfg, dev, reporter)
+    anchors = make_anchors(model.spec)
+    rng = np.random.default_rng([cfg.seed, state.step])
+    t_start = time.monotonic()
+    thr = Thresholds()
+    while state.epoch < cfg.epochs:
+        finished = _run_epoch(model, opts, data, anchors, cfg, state, rng, dev, t_start, reporter)
+        if finished:
+            state.epoch += 1
+        last = not finished or state.epoch >= cfg.epochs
+        if val and (state.epoch % cfg.val_every == 0 or last):
+            m = validate(model, val, thr, dev, model.spec.mpp)
+            state.history[-1].update({f"val_{k}": round(v, 4) for k, v in m.items()})
+            reporter.info(f"epoch {state.epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
+            if m["aji"] > state.best_aji:
+                state.best_aji = m["aji"]
+                _save(cfg, model, thr, state, m, card_info)
+        elif not val:
+            _save(cfg, model, thr, state, {}, card_info)
+        state.elapsed_s += time.monotonic() - t_start
+        t_start = time.monotonic()
+        save_checkpoint(checkpoint_dir(cfg.out), model, opts, state)
+        if not finished:
+            reporter.info(f"time budget of {cfg.max_minutes} min reached at epoch {state.epoch}")
+            break
+    return finalize(cfg, val, dev, state, reporter, card_info)
+
+
+def _save(cfg, model, thr, state, metrics, card_info) -> None:
+    from usnet_wsi.training.card import model_card
+    extra = {"validation_metrics": metrics, "train": {**asdict(cfg), "out": str(cfg.out)},
+             "history": state.history, **(card_info or {})}
+    save_bundle(cfg.out, cfg.name, model, model.spec, thr,
+                model_card(cfg.name, model.spec, thr, metrics, state, cfg, card_info), extra)
+
+
+def finalize(cfg: TrainConfig, val: list[Annotated], dev, state: TrainState, reporter: Reporter,
+             card_info: dict | None) -> Path:
+    """Reload the best bundle, tune thresholds on validation, write the final bundle."""
+    from usnet_wsi.training.validate import tune_thresholds
+    if not val:
+        return cfg.out
+    bundle = load_bundle(cfg.out)
+    model = bundle.build_model().to(dev)
+    reporter.info("tuning score / NMS thresholds on validation AJI")
+    thr, m = tune_thresholds(model, val, bundle.thresholds, dev, reporter.info)
+    _save(cfg, model, thr, state, m, card_info)
+    reporter.info("best: " + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    return cfg.out
