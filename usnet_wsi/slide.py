@@ -36,6 +36,7 @@ _SLIDE_SUFFIXES = (
 _MIB = 1 << 20
 _PLAUSIBLE_MPP = (0.01, 100.0)   # um/px; values outside come from placeholder tags (72 dpi ...)
 _UM_PER_UNIT = {"centimeter": 1e4, "inch": 25400.0}
+_LANCZOS_A = 3                    # PIL's Lanczos support, in source pixels per output pixel
 _MAX_READ_PX = 64 * _MIB          # level pixels read at once by thumbnail()
 _CONVERT_HINT = ("give a whole-slide image (SVS, NDPI, MRXS, SCN, BIF, DICOM, tiled pyramidal "
                  "TIFF ...); convert other images with e.g. `vips tiffsave in.png out.tif --tile "
@@ -332,30 +333,39 @@ class Slide:
         return self._read(float(x0), float(y0), float(x1), float(y1), w, h)
 
     def _read(self, x0: float, y0: float, x1: float, y1: float, w: int, h: int) -> np.ndarray:
-        """Core reader; float level-0 box edges (used by thumbnail bands)."""
+        """Core reader; float level-0 box edges (thumbnail bands use fractional edges).
+
+        When resampling, the window read carries a margin for the filter's support, so a read
+        equals the matching part of any larger read (tiles and bands join without seams).
+        """
         if self._osr is None:
             raise SlideError(f"{self.info.path} is closed", "open the slide again")
         level = self.best_level(min((x1 - x0) / w, (y1 - y0) / h))
         ds = self.info.level_downsamples[level]
-        lx0, ly0 = math.floor(x0 / ds), math.floor(y0 / ds)
-        lw = max(1, math.ceil(x1 / ds) - lx0)
-        lh = max(1, math.ceil(y1 / ds) - ly0)
+        fx0, fy0, fx1, fy1 = x0 / ds, y0 / ds, x1 / ds, y1 / ds   # the box in level pixels
+        exact = (fx0.is_integer() and fy0.is_integer() and (fx1 - fx0, fy1 - fy0) == (w, h))
+        margin = 0 if exact else math.ceil(_LANCZOS_A * max(1.0, (fx1 - fx0) / w,
+                                                              (fy1 - fy0) / h)) + 1
+        lx0, ly0 = math.floor(fx0) - margin, math.floor(fy0) - margin
+        size = (math.ceil(fx1) + margin - lx0, math.ceil(fy1) + margin - ly0)
         loc = (round(lx0 * ds), round(ly0 * ds))
-        try:
-            rgba = self._osr.read_region(loc, level, (lw, lh))
-        except openslide.OpenSlideError as err:
-            raise SlideError(f"cannot read region {(x0, y0, x1, y1)} of {self.info.path} "
-                             f"(level {level}): {err}", _CORRUPT_HINT) from None
-        rgb = _composite_on_white(rgba)
-        # the box inside the window, in window (level) pixels
-        bx0, by0 = (x0 - loc[0]) / ds, (y0 - loc[1]) / ds
-        bx1, by1 = min((x1 - loc[0]) / ds, lw), min((y1 - loc[1]) / ds, lh)
-        bx0, by0 = max(bx0, 0.0), max(by0, 0.0)
-        if (bx0, by0, bx1, by1) == (0, 0, w, h) and (lw, lh) == (w, h):
+        rgb = self._read_level(loc, level, size)
+        if exact:
             return rgb
-        img = Image.fromarray(rgb).resize((w, h), Image.Resampling.LANCZOS,
-                                          box=(bx0, by0, bx1, by1))
+        ox, oy = loc[0] / ds, loc[1] / ds   # window origin as OpenSlide places it
+        box = (fx0 - ox, fy0 - oy, fx1 - ox, fy1 - oy)
+        img = Image.fromarray(rgb).resize((w, h), Image.Resampling.LANCZOS, box=box)
         return np.asarray(img)
+
+    def _read_level(self, loc_l0: tuple[int, int], level: int,
+                    size: tuple[int, int]) -> np.ndarray:
+        """OpenSlide read of `size` level pixels at level-0 `loc_l0`, composited on white."""
+        try:
+            rgba = self._osr.read_region(loc_l0, level, size)
+        except openslide.OpenSlideError as err:
+            raise SlideError(f"cannot read {size[0]}x{size[1]} px at {loc_l0} (level {level}) "
+                             f"of {self.info.path}: {err}", _CORRUPT_HINT) from None
+        return _composite_on_white(rgba)
 
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """(uint8 RGB image whose longer side is <= max_side, scale = thumbnail px per level-0 px).
