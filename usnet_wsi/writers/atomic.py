@@ -1,0 +1,136 @@
+"""Atomic outputs: write to a temporary name beside the final one, rename when complete.
+
+A temporary is a hidden sibling of the final path, ``.<name>.tmp-<random>``, so it lives on
+the same file system (the rename is atomic for files) and never looks like a finished output.
+On error the temporary is removed and the final path is left as it was: either absent or the
+previous complete output. An existing final output is replaced on commit; whether replacing is
+allowed (``--overwrite``) is the caller's decision, not the writer's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from usnet_wsi.errors import OutputError
+
+_TMP_MARK = ".tmp-"
+
+
+def output_error(path: Path, exc: OSError) -> OutputError:
+    """An OutputError for an OS failure while writing `path`, with the usual fixes."""
+    reason = exc.strerror or str(exc)
+    return OutputError(
+        f"cannot write {path}: {reason}",
+        hint="check that the output folder exists, is writable and has free disk space",
+    )
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a directory tree; a missing path is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class AtomicTarget:
+    """A temporary path for `final` with explicit `commit()` / `abort()`.
+
+    For streaming writers whose lifetime is not one `with` block. The caller creates a file
+    or a directory at `temp`; `commit()` renames it onto `final`; `abort()` removes it.
+    """
+
+    def __init__(self, final: str | Path) -> None:
+        self.final = Path(final)
+        parent = self.final.parent
+        if not parent.is_dir():
+            raise OutputError(
+                f"output folder {parent} does not exist",
+                hint="create the folder first or choose another output path",
+            )
+        if not os.access(parent, os.W_OK):
+            raise OutputError(
+                f"output folder {parent} is not writable",
+                hint="choose a folder you can write to, or fix its permissions",
+            )
+        self.temp = parent / f".{self.final.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
+        self.done = False
+
+    def commit(self) -> None:
+        """Move the temporary onto the final path (replacing an older output)."""
+        if self.done:
+            return
+        if not self.temp.exists():
+            raise OutputError(f"nothing was written for {self.final}", hint="report this as a bug")
+        try:
+            if self.final.is_dir() and not self.final.is_symlink():
+                self._replace_directory()
+            else:
+                os.replace(self.temp, self.final)
+        except OSError as exc:
+            self.abort()
+            raise output_error(self.final, exc) from exc
+        self.done = True
+
+    def _replace_directory(self) -> None:
+        """Swap an existing final directory for the temporary; restore it if that fails."""
+        old = self.final.with_name(f".{self.final.name}.old-{uuid.uuid4().hex[:12]}")
+        os.replace(self.final, old)
+        try:
+            os.replace(self.temp, self.final)
+        except OSError:
+            os.replace(old, self.final)
+            raise
+        _remove(old)
+
+    def abort(self) -> None:
+        """Remove the temporary (file or directory); the final path is untouched."""
+        if not self.done:
+            _remove(self.temp)
+            self.done = True
+
+
+@contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it onto `final` if the block succeeds.
+
+    The block writes a file or creates a directory at the yielded path. If the block raises,
+    the temporary is removed, nothing is left behind and the exception propagates.
+    """
+    target = AtomicTarget(final)
+    try:
+        yield target.temp
+    except BaseException:
+        target.abort()
+        raise
+    target.commit()
+
+
+def is_temporary(path: str | Path) -> bool:
+    """True for a name made by `AtomicTarget` (an unfinished or abandoned output)."""
+    name = Path(path).name
+    return name.startswith(".") and _TMP_MARK in name
+
+
+def outputs_complete(paths: Iterable[str | Path]) -> bool:
+    """True when every path exists as a finished output.
+
+    A file must be non-empty; a directory (zarr store) must contain its root `zarr.json`.
+    Temporaries never count, since they have other names.
+    """
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            if not (path / "zarr.json").is_file():
+                return False
+        elif not (path.is_file() and path.stat().st_size > 0):
+            return False
+    return True
