@@ -42,9 +42,10 @@ def test_mpp_from_objective_warns(slide_factory, reporter):
     assert len(reporter.warnings) == 1 and "--mpp" in reporter.warnings[0]
 
 
-def test_user_mpp_overrides_file(synth_svs):
-    with open_slide(synth_svs.path, mpp=0.123) as slide:
+def test_user_mpp_overrides_file(synth_svs, reporter):
+    with open_slide(synth_svs.path, mpp=0.123, reporter=reporter) as slide:
         assert (slide.info.mpp_x, slide.info.mpp_y, slide.info.mpp_source) == (0.123, 0.123, "user")
+    assert any("0.25" in m for m in reporter.infos)   # the override is reported, not silent
 
 
 def test_unknown_mpp_names_the_option(slide_factory):

@@ -7,6 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from synth import grid_nuclei, paint
+
 from usnet_wsi.errors import UsageError
 from usnet_wsi.tiling import l0_to_tile, owned, plan_tiles, roi_from_xywh, tile_to_l0
 
@@ -182,3 +184,22 @@ def test_roi_from_xywh():
     assert roi_from_xywh((700, 500, 500, 500), 800, 600) == (700, 500, 800, 600)
     with pytest.raises(UsageError, match="outside"):
         roi_from_xywh((900, 0, 10, 10), 800, 600)
+
+
+def test_grid_nuclei_on_core_borders_and_edges_are_owned_once():
+    """The synthetic grid puts centres exactly on core borders and nuclei on the slide edges;
+    ownership still gives each centre to exactly one tile, and each nucleus is painted."""
+    W, H = 1000, 800
+    plan = plan_tiles((0, 0, W, H), 0.25, 0.25, tile_px=300, halo_px=32)
+    core = plan.core_size_l0
+    nuclei = grid_nuclei(W, H, spacing=60, radius=9, core_l0=core)
+    xy = np.array([(n.cx, n.cy) for n in nuclei])
+    on_x, on_y = np.isin(xy[:, 0], [core, 2 * core]), np.isin(xy[:, 1], [core, 2 * core])
+    assert (on_x & on_y).sum() >= 4 and on_x.sum() > 10 and on_y.sum() > 10
+    rx = np.array([n.rx for n in nuclei])
+    assert (xy[:, 0] - rx <= 0).any() and (xy[:, 0] + rx >= W - 1).any()     # left/right edges
+    assert (xy[:, 1] - rx <= 0).any() and (xy[:, 1] + rx >= H - 1).any()     # top/bottom edges
+    hits = np.sum([owned(t, xy) for t in plan.tiles], axis=0)
+    assert (hits == 1).all()
+    _, labels = paint(W, H, nuclei, tissue=[(0, 0, W, H)])
+    assert set(np.unique(labels)) == set(range(len(nuclei) + 1))   # none hidden by another

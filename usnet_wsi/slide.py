@@ -205,6 +205,10 @@ def _resolve_mpp(path: Path, props: dict[str, str], user_mpp: float | None,
                  reporter: Reporter | None) -> tuple[float, float, str]:
     """(mpp_x, mpp_y, source) following the documented order."""
     if user_mpp is not None:
+        stored = _mpp_from_openslide(props) or _mpp_from_tiff(props)
+        if stored and reporter is not None and abs(stored[0] / user_mpp - 1) > 0.05:
+            reporter.info(f"{path.name}: using --mpp {user_mpp:g} um/px instead of the "
+                          f"{stored[0]:.4g} um/px stored in the file")
         return user_mpp, user_mpp, "user"
     found = _mpp_from_openslide(props)
     if found:
