@@ -1,0 +1,79 @@
+"""Anchor grid, box coding and matching."""
+
+import math
+
+import torch
+
+from usnet_wsi.anchors import box_iou, decode, encode, feature_sizes, make_anchors, match
+from usnet_wsi.decode import detect_boxes, nms
+from usnet_wsi.model.spec import ModelSpec, recipe_spec
+
+
+def test_paper_grid_has_7620_anchors():
+    for recipe in ("default", "paper"):
+        spec = recipe_spec(recipe)
+        assert feature_sizes(300, spec.det_levels) == [38, 19, 10]
+        assert make_anchors(spec).shape == (7620, 4)
+        assert (38 ** 2 + 19 ** 2 + 10 ** 2) * spec.anchors_per_location == 7620
+
+
+def test_hand_computed_table_on_tiny_configuration():
+    # 8 px input, one level at 2x down-sampling -> 4x4 cells of 2 px; one base size 2.
+    spec = ModelSpec(input_size=8, det_levels=(2,), anchor_sizes=(2.0,), anchor_scales=(1.0, 2.0),
+                     anchor_ratios=(1.0, 0.5))
+    a = make_anchors(spec)
+    assert a.shape == (2 * 2 * 4, 4)
+    # cell (row 0, col 0) centre (2, 2); shapes (w, h): (2,2), (2,1), (4,4), (4,2)
+    expected = torch.tensor([[1, 1, 3, 3], [1, 1.5, 3, 2.5], [0, 0, 4, 4], [0, 1, 4, 3]])
+    assert torch.allclose(a[:4], expected)
+    # the next cell is one column to the right (centre x = 6)
+    assert torch.allclose(a[4], torch.tensor([5.0, 1.0, 7.0, 3.0]))
+    # row 1 starts at index 8 with centre y = 6
+    assert torch.allclose(a[8], torch.tensor([1.0, 5.0, 3.0, 7.0]))
+
+
+def test_anchor_sizes_cover_20_to_128_px():
+    a = make_anchors(recipe_spec("default"))
+    side = torch.sqrt((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))
+    assert 15 <= side.min() <= 20 and 100 <= side.max() <= 128
+
+
+def test_encode_decode_round_trip():
+    anchors = torch.tensor([[10.0, 10, 30, 30], [0, 0, 50, 40]])
+    gt = torch.tensor([[12.0, 8, 35, 29], [5, 5, 45, 30]])
+    assert torch.allclose(decode(encode(gt, anchors), anchors), gt, atol=1e-4)
+
+
+def test_box_iou_hand_values():
+    a = torch.tensor([[0.0, 0, 2, 2]])
+    b = torch.tensor([[1.0, 1, 3, 3], [0, 0, 2, 2], [5, 5, 6, 6]])
+    assert torch.allclose(box_iou(a, b), torch.tensor([[1 / 7, 1.0, 0.0]]))
+
+
+def test_match_gives_every_small_nucleus_an_anchor():
+    anchors = make_anchors(recipe_spec("default"))
+    gt = torch.tensor([[100.0, 100, 110, 110], [200, 50, 260, 100]])  # a 10 px nucleus too
+    labels, idx = match(gt, anchors)
+    for g in range(2):
+        assert ((labels == 1) & (idx == g)).any()
+    labels, _ = match(torch.zeros((0, 4)), anchors)
+    assert (labels == 0).all()
+
+
+def test_perfect_outputs_decode_to_the_ground_truth_boxes():
+    spec = recipe_spec("default")
+    anchors = make_anchors(spec)
+    gt = torch.tensor([[20.0, 20, 44, 40], [100, 120, 130, 150], [200, 200, 260, 270]])
+    labels, idx = match(gt, anchors)
+    logits = torch.where(labels == 1, 8.0, -8.0)
+    loc = encode(gt[idx], anchors)
+    boxes, scores = detect_boxes(logits, loc, anchors, 0.5, 0.4, size=300)
+    assert boxes.shape[0] == 3
+    assert torch.allclose(boxes[torch.argsort(boxes[:, 0])], gt, atol=1e-3)
+
+
+def test_nms_suppresses_overlaps_and_keeps_order():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]])
+    keep = nms(boxes, torch.tensor([0.5, 0.9, 0.7]), 0.5)
+    assert keep.tolist() == [1, 2]
+    assert math.isclose(float(box_iou(boxes[:1], boxes[1:2])), 81 / 119, rel_tol=1e-5)
