@@ -35,7 +35,7 @@ class ModelSpec:
     anchor_ratios: tuple[float, ...] = (1.0, 0.75)        # height / width
     head_width: int = 64
     refine_size: int = 48            # refinement sub-network input side
-    refine_width: int = 32
+    refine_width: int = 16
     refine_context: float = 1.5      # detected box side is scaled by this before cropping
     refine_inputs: str = "rgb+seg"   # "rgb" (paper) or "rgb+seg" (also the segmentation probs)
     rescue_missed: bool = True       # add segmentation components no detection covers

@@ -35,7 +35,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     val_every: int = 2
-    refine_per_image: int = 24
+    refine_per_image: int = 12
     name: str = "usnet-custom"
     lr_scale: float = 1.0
 
