@@ -1,0 +1,136 @@
+"""mask <-> polygon conversions and polygon transforms (usnet_wsi.geometry)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from shapely.geometry import MultiPolygon, Polygon, box
+from skimage.measure import label
+
+from usnet_wsi.geometry import largest_polygon, mask_to_polygon, polygon_to_mask, transform_polygon
+
+
+def _ellipse_mask(shape, cx, cy, ax, ay, angle=0.0):
+    """Pixels whose centre lies in the ellipse (pixel-edge frame: centre of (r, c) is +0.5)."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]] + 0.5
+    ca, sa = np.cos(angle), np.sin(angle)
+    u = (xx - cx) * ca + (yy - cy) * sa
+    v = -(xx - cx) * sa + (yy - cy) * ca
+    return (u / ax) ** 2 + (v / ay) ** 2 <= 1.0
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_square_mask_gives_pixel_edge_outline_in_origin_frame():
+    mask = np.zeros((9, 9), bool)
+    mask[2:7, 3:8] = True  # rows 2..6, cols 3..7: a 5 x 5 block
+    poly = mask_to_polygon(mask, origin_xy=(100, 50), simplify_px=0)
+    # The outline runs along pixel edges; marching squares cuts each of the 4 convex corners
+    # by a right triangle with legs 1/2 (area 1/8).
+    assert poly.bounds == (103.0, 52.0, 108.0, 57.0)
+    assert poly.area == pytest.approx(25 - 4 * 0.125)
+    assert poly.is_valid
+
+
+def test_hole_is_kept_and_largest_component_wins():
+    mask = np.zeros((30, 30), bool)
+    mask[2:14, 2:14] = True      # 12 x 12 block...
+    mask[6:10, 6:10] = False     # ... with a 4 x 4 hole
+    mask[20:24, 20:24] = True    # a smaller separate blob
+    poly = mask_to_polygon(mask, simplify_px=0)
+    assert isinstance(poly, Polygon) and poly.is_valid
+    assert len(poly.interiors) == 1
+    # 4 convex outer corners lose 1/8 each; each hole corner adds 1/8 of hole to the shape.
+    assert poly.area == pytest.approx(144 - 4 * 0.125 - (16 - 4 * 0.125))
+    assert poly.bounds == (2.0, 2.0, 14.0, 14.0)
+
+
+def test_diagonal_pixels_are_connected():
+    mask = np.eye(4, dtype=bool)
+    poly = mask_to_polygon(mask, simplify_px=0)
+    assert poly.is_valid
+    assert polygon_to_mask(poly, mask.shape).tolist() == mask.tolist()
+
+
+def test_empty_and_bad_masks():
+    assert mask_to_polygon(np.zeros((5, 5), bool)) is None
+    with pytest.raises(ValueError, match="2-D"):
+        mask_to_polygon(np.ones((2, 2, 2), bool))
+
+
+def test_polygon_to_mask_uses_pixel_centres_and_origin():
+    rect = box(10.0, 20.0, 13.0, 22.0)  # exactly 3 x 2 pixels in the frame
+    out = polygon_to_mask(rect, (5, 6), origin_xy=(9, 19))
+    expected = np.zeros((5, 6), bool)
+    expected[1:3, 1:4] = True
+    assert out.tolist() == expected.tolist()
+    # A box that covers less than half of a pixel does not reach its centre.
+    assert not polygon_to_mask(box(0, 0, 0.4, 0.4), (2, 2)).any()
+
+
+def test_polygon_to_mask_respects_holes_and_multipolygons():
+    ring = box(0, 0, 6, 6).difference(box(2, 2, 4, 4))
+    out = polygon_to_mask(MultiPolygon([ring, box(8, 0, 9, 1)]), (6, 10))
+    assert out.sum() == 36 - 4 + 1
+    assert not out[2:4, 2:4].any()
+    assert out[0, 8]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ax=st.floats(2.5, 12.0), ay=st.floats(2.5, 12.0), angle=st.floats(0, np.pi),
+    dx=st.floats(-0.5, 0.5), dy=st.floats(-0.5, 0.5),
+    ox=st.integers(-1000, 1000), oy=st.integers(-1000, 1000),
+)
+def test_round_trip_small_nuclei(ax, ay, angle, dx, dy, ox, oy):
+    shape = (32, 32)
+    mask = _ellipse_mask(shape, 16 + dx, 16 + dy, ax, ay, angle)
+    if mask.sum() < 12:
+        return  # too few pixels to call a nucleus
+    poly = mask_to_polygon(mask, origin_xy=(ox, oy))  # default simplification
+    assert poly.is_valid
+    back = polygon_to_mask(poly, shape, origin_xy=(ox, oy))
+    assert _iou(mask, back) > 0.9
+    # The polygon area tracks the pixel count within the corner cuts along the boundary.
+    assert abs(poly.area - mask.sum()) < 0.25 * poly.length
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(bool, st.tuples(st.integers(1, 12), st.integers(1, 12))))
+def test_any_mask_gives_its_largest_component_exactly(mask):
+    poly = mask_to_polygon(mask, simplify_px=0)
+    if not mask.any():
+        assert poly is None
+        return
+    assert isinstance(poly, Polygon) and poly.is_valid and poly.area > 0
+    # Unsimplified, the outline rasterises back to exactly one 8-connected component of the
+    # mask (holes included), and no other component has a larger outline.
+    back = polygon_to_mask(poly, mask.shape)
+    labels = label(mask, connectivity=2)
+    components = [labels == k for k in range(1, labels.max() + 1)]
+    assert any(np.array_equal(back, c) for c in components)
+    assert all(mask_to_polygon(c, simplify_px=0).area <= poly.area + 1e-9 for c in components)
+
+
+def test_largest_polygon_repairs_and_picks_biggest():
+    bowtie = Polygon([(0, 0), (4, 4), (4, 0), (0, 4)])  # self-intersecting
+    part = largest_polygon(bowtie)
+    assert isinstance(part, Polygon) and part.is_valid
+    assert part.area == pytest.approx(4.0)
+    two = MultiPolygon([box(0, 0, 1, 1), box(5, 5, 8, 8)])
+    assert largest_polygon(two).equals(box(5, 5, 8, 8))
+    assert largest_polygon(Polygon()) is None
+    assert largest_polygon(None) is None
+
+
+def test_transform_polygon_applies_frame_conversion():
+    poly = box(0, 0, 10, 5).difference(box(2, 2, 3, 3))
+    out = transform_polygon(poly, lambda xy: xy * (2.0, 0.5) + (100.0, 200.0))
+    assert out.bounds == (100.0, 200.0, 120.0, 202.5)
+    assert out.area == pytest.approx(poly.area * 2.0 * 0.5)
+    assert len(out.interiors) == 1 and out.is_valid
