@@ -1,0 +1,132 @@
+"""Settings as frozen dataclasses, validated in one place.
+
+Every bad value raises `UsageError` (exit 2) naming the offending value, the rule and the fix,
+before any slide is opened or any file is written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from usnet_wsi.errors import UsageError
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+Box = tuple[int, int, int, int]
+
+
+def check_device(device: str) -> str:
+    """Validate a device spec: auto, cpu, cuda or cuda:N (lower case, no spaces)."""
+    spec = str(device).strip().lower()
+    if not _DEVICE_RE.match(spec):
+        raise UsageError(f"--device {device!r} is not a device",
+                         "use --device auto, cpu, cuda or cuda:N (e.g. cuda:0)")
+    return spec
+
+
+def check_positive_int(value: Any, option: str, example: int, maximum: int = 1 << 16) -> int:
+    """An int in [1, maximum] (bools refused), else UsageError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise UsageError(f"{option} {value!r} must be a whole number from 1 to {maximum}",
+                         f"e.g. {option} {example}")
+    return value
+
+
+def check_mpp(mpp: Any) -> float | None:
+    """None, or a finite number > 0 (microns per level-0 pixel)."""
+    if mpp is None:
+        return None
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"--mpp {mpp!r} must be a finite number > 0 (microns per pixel)",
+                         "e.g. --mpp 0.25 for a 40x scan, --mpp 0.5 for 20x")
+    return value
+
+
+def check_roi(roi: Any) -> Box | None:
+    """None, or (x, y, w, h) level-0 integers with x, y >= 0 and w, h > 0."""
+    if roi is None:
+        return None
+    try:
+        x, y, w, h = (v for v in roi)
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (x, y, w, h))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or x < 0 or y < 0 or w <= 0 or h <= 0:
+        raise UsageError(f"--roi {roi!r}: needs X,Y,W,H integers with X,Y >= 0 and W,H > 0",
+                         "e.g. --roi 0,0,2000,2000 (level-0 pixels)")
+    return (x, y, w, h)
+
+
+def check_iou(value: Any) -> float:
+    """A float in (0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not 0 < v <= 1:
+        raise UsageError(f"IoU threshold {value!r} must be in (0, 1]", "e.g. 0.3")
+    return v
+
+
+@dataclass(frozen=True)
+class SlideOptions:
+    """How to read a slide: resolution override, region of interest, tissue detection."""
+
+    mpp: float | None = None
+    roi_xywh: Box | None = None          # level-0 x, y, w, h; None = whole slide
+    tissue_mask: bool = True              # False: process every tile of the ROI
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mpp", check_mpp(self.mpp))
+        object.__setattr__(self, "roi_xywh", check_roi(self.roi_xywh))
+        object.__setattr__(self, "tissue_mask", bool(self.tissue_mask))
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Everything `segment` needs besides the slide paths. Validated on construction."""
+
+    out_dir: Path
+    slide: SlideOptions = SlideOptions()
+    weights: Path | None = None           # None: the default bundle
+    device: str = "auto"
+    batch_size: int = 8
+    workers: int = 2                      # region-reader threads (and post-processing threads)
+    geojson_gz: bool = False
+    overwrite: bool = False
+    iou_threshold: float = 0.3            # cross-tile duplicate rule (polygon IoU)
+    argv: tuple[str, ...] = ()            # the command line, recorded in run.json
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.slide, SlideOptions):
+            raise TypeError("slide must be SlideOptions")
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", Path(self.weights))
+        object.__setattr__(self, "device", check_device(self.device))
+        check_positive_int(self.batch_size, "--batch-size", 8)
+        check_positive_int(self.workers, "--workers", 2, maximum=256)
+        object.__setattr__(self, "iou_threshold", check_iou(self.iou_threshold))
+        object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
+
+    @property
+    def prefetch_tiles(self) -> int:
+        """Tiles read ahead of the model: enough to fill two batches and keep readers busy."""
+        return 2 * self.batch_size + self.workers
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (paths as strings), as recorded in run.json."""
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        d["weights"] = None if self.weights is None else str(self.weights)
+        roi = self.slide.roi_xywh
+        d["slide"]["roi_xywh"] = None if roi is None else list(roi)
+        d["argv"] = list(self.argv)
+        return d
