@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from usnet_wsi.cli import main
 from usnet_wsi.errors import WeightsError
-from usnet_wsi.model.bundle import (FORMAT, FORMAT_VERSION, Thresholds, load_bundle, save_bundle,
+from usnet_wsi.model.bundle import (FORMAT_VERSION, Thresholds, load_bundle, save_bundle,
                                     sha256_file)
 from usnet_wsi.model.spec import ModelSpec
 from usnet_wsi.model.usnet import USNet
