@@ -49,7 +49,7 @@ from usnet_wsi.model.usnet import USNet
 FORMATS = ("onnx", "torchscript")
 OUTPUTS = ("seg_probs", "det_probs", "boxes_xyxy", "refine_input")
 ONNX_OPSET = 18
-ONNX_REQUIREMENT = "onnx>=1.15 onnxscript>=0.2"
+ONNX_REQUIREMENT = '"onnx>=1.17" "onnxscript>=0.7" onnxruntime'   # onnxruntime: for --check
 ONNX_INSTALL = f'pip install "usnet-wsi[export]"  (or: pip install {ONNX_REQUIREMENT})'
 METADATA_KEY = "usnet_wsi"
 
