@@ -251,16 +251,12 @@ def _spec(saved: Path, **changes) -> Path:
     return saved
 
 
-@pytest.mark.xfail(strict=True, reason="bundle.py/spec.py do not type-check config.json 'spec' "
-                   "(TypeError escapes); reported to the lead")
 @pytest.mark.parametrize("changes", [{}, {"depth": "six"}])
 def test_spec_of_the_wrong_type_is_a_weights_error(saved: Path, changes: dict) -> None:
     with pytest.raises(WeightsError):
         load_predictor(_spec(saved, **changes), "cpu")
 
 
-@pytest.mark.xfail(strict=True, reason="bundle.py accepts thresholds.json values of any type "
-                   "or range; reported to the lead")
 @pytest.mark.parametrize("thr", [{"score": "high"}, {"score": 2.0}, {"nms": -1}, {"top_k": 0}])
 def test_thresholds_out_of_range_are_a_weights_error(saved: Path, thr: dict) -> None:
     (saved / "thresholds.json").write_text(json.dumps(thr))

@@ -251,8 +251,6 @@ def test_load_checkpoint_without_one_is_a_data_error(tmp_path: Path) -> None:
     assert "--resume" in info.value.hint
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.py lets RuntimeError/JSONDecodeError escape "
-                   "for a checkpoint of another recipe or a damaged state.json; reported")
 @pytest.mark.parametrize("damage", ["other recipe", "bad json"])
 def test_unusable_checkpoint_is_a_data_error(tmp_path: Path, damage: str) -> None:
     model, opts = tiny_setup("default", seed=0)

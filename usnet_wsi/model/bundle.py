@@ -36,6 +36,18 @@ class Thresholds:
     rescue_min_area_px: int = 40
     keep_fraction: float = 0.5   # a mask losing more than this to higher-scored ones is dropped
 
+    def __post_init__(self) -> None:
+        for key in ("score", "nms", "rescue_prob", "keep_fraction"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise WeightsError(f"threshold {key} = {v!r} must be a number in [0, 1]",
+                                   "fix thresholds.json or re-export the bundle")
+        for key, low in (("top_k", 1), ("min_area_px", 0), ("rescue_min_area_px", 0)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise WeightsError(f"threshold {key} = {v!r} must be an integer >= {low}",
+                                   "fix thresholds.json or re-export the bundle")
+
 
 @dataclass
 class Bundle:
@@ -87,10 +99,22 @@ def _bundle_dir(path: Path) -> Path:
     return path
 
 
+def _looks_pickled(head: bytes) -> bool:
+    """Binary pickles start with PROTO (0x80), torch.save zips with PK; text pickles (protocol
+    0/1) start with an opcode such as '(', 'c' (GLOBAL) or ']' and end with '.'."""
+    return head[:1] == b"\x80" or head[:2] == b"PK" or head[:1] in (b"(", b"c", b"]", b"}")
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: 8-byte little-endian header length, then a JSON object."""
+    n = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    return 0 < n <= size - 8 and head[8:9] == b"{"
+
+
 def _refuse_pickle(path: Path) -> None:
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+        head = f.read(9)
+    if not _is_safetensors(head, path.stat().st_size) and _looks_pickled(head):
         raise WeightsError(f"{path} is a pickle / PyTorch checkpoint; usnet-wsi never unpickles "
                            "files (unpickling can run arbitrary code)",
                            "convert it to a bundle with safetensors, or use `usnet-wsi train`")
@@ -143,6 +167,7 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
                            "restore the bundle from the release or retrain")
     spec = ModelSpec.from_dict(config["spec"])
     thr = _read_json(folder / "thresholds.json")
+    _refuse_pickle(weights)
     try:
         thresholds = Thresholds(**thr)
     except TypeError as err:
@@ -158,6 +183,9 @@ def save_bundle(folder: Path, name: str, model: torch.nn.Module, spec: ModelSpec
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name,

@@ -35,8 +35,8 @@ class RefineNet(nn.Module):
 
 
 def context_boxes(boxes: torch.Tensor, context: float, size: int) -> torch.Tensor:
-    """Scale xyxy boxes about their centres by `context`, make them square-ish integer boxes
-    inside [0, size]; returns (N, 4) float tensor of integer-valued xyxy crop boxes."""
+    """Scale xyxy boxes about their centres by `context` (aspect ratio kept, sides at least 4 px)
+    and round outwards to integer boxes inside [0, size]; returns (N, 4) float xyxy."""
     c = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]).clamp(min=4.0) * context / 2
     x0y0 = torch.floor(c - half).clamp(0, size - 1)

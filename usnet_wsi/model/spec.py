@@ -61,13 +61,34 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        if not isinstance(d, dict):
+            raise WeightsError(f"model config 'spec' must be an object, not {type(d).__name__}",
+                               "re-export the bundle with `usnet-wsi train`")
+        defaults = {f.name: f.default for f in fields(cls) if f.name != "extra"}
+        unknown = sorted(set(d) - set(defaults) - {"extra"})
         if unknown:
             raise WeightsError(f"model config has unknown keys {unknown}",
                                "use weights made by this version of usnet-wsi")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kw)
+        kw = {k: _typed(k, v, defaults[k]) for k, v in d.items() if k != "extra"}
+        return cls(**kw, extra=dict(d.get("extra") or {}))
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """Check one config value against the type of its default (lists for tuples)."""
+    if isinstance(default, tuple):
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and
+                                             not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default)) and not isinstance(value, bool)
+    if not ok:
+        raise WeightsError(f"model config {key!r} = {value!r} is not a {type(default).__name__}",
+                           "re-export the bundle with `usnet-wsi train`")
+    return value
 
 
 def recipe_spec(recipe: str) -> ModelSpec:

@@ -45,9 +45,20 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, opts: list[torch.optim
                     ) -> dict[str, Any]:
     if not (folder / "state.json").is_file():
         raise DataError(f"nothing to resume in {folder}", "drop --resume to start afresh")
-    meta = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "state.safetensors"))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        tensors = load_file(str(folder / "state.safetensors"))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _load_optimizers(opts, tensors, meta)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise DataError(f"the checkpoint in {folder} is damaged or does not match this model "
+                        f"(--recipe?): {str(err).splitlines()[0]}",
+                        "resume with the same --recipe, or drop --resume to start afresh") from None
+    return meta["state"]
+
+
+def _load_optimizers(opts: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor],
+                     meta: dict[str, Any]) -> None:
     for k, opt in enumerate(opts):
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, v in tensors.items():
@@ -55,4 +66,3 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, opts: list[torch.optim
                 _, pid, name = key.split(".", 2)
                 state.setdefault(int(pid), {})[name] = v
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][k]})
-    return meta["state"]
