@@ -30,10 +30,15 @@ _CELL_L0 = 256   # spatial index cell side, level-0 px
 class OraclePredictor:
     """Predictor protocol: name, sha256, device, tile_px, halo_px, mpp, predict()."""
 
-    def __init__(self, nuclei: Sequence, width_l0: int, height_l0: int, mpp: float,
-                 tile_px: int = 300, halo_px: int = 32, check_pixels: bool = True) -> None:
-        arr = np.array([(n.cx, n.cy, n.rx, n.ry, n.angle_deg) for n in nuclei],
-                       dtype=np.float64).reshape(-1, 5)
+    def __init__(self, nuclei: Sequence | np.ndarray, width_l0: int, height_l0: int,
+                 mpp: float, tile_px: int = 300, halo_px: int = 32,
+                 check_pixels: bool = True) -> None:
+        """`nuclei`: SynthNucleus objects, or an (N, 5) array of cx, cy, rx, ry, angle_deg."""
+        if isinstance(nuclei, np.ndarray):
+            arr = np.asarray(nuclei, dtype=np.float64).reshape(-1, 5)
+        else:
+            arr = np.array([(n.cx, n.cy, n.rx, n.ry, n.angle_deg) for n in nuclei],
+                           dtype=np.float64).reshape(-1, 5)
         self.cx, self.cy, self.rx, self.ry, self.angle = arr.T
         self.width_l0, self.height_l0 = int(width_l0), int(height_l0)
         self.tile_px, self.halo_px, self.mpp = int(tile_px), int(halo_px), float(mpp)

@@ -291,3 +291,41 @@ def test_pickled_weights_inside_a_bundle_are_refused(tmp_path):
     assert_clean_failure(res, 1, "pickle")
     assert not marker.exists()
     shutil.rmtree(w)
+
+
+def test_real_predictor_from_a_bundle(tmp_path):
+    """The real loader and predictor (an untrained model): the run completes, run.json names
+    the bundle and its SHA-256, and the outputs are valid even if nothing is found."""
+    import torch
+
+    from usnet_wsi.model.bundle import Thresholds, save_bundle, sha256_file
+    from usnet_wsi.model.spec import ModelSpec
+    from usnet_wsi.model.usnet import USNet
+
+    torch.manual_seed(0)
+    spec = ModelSpec()
+    folder = save_bundle(tmp_path / "tiny-bundle", "tiny", USNet(spec), spec, Thresholds(),
+                         "untrained, for tests")
+    s = make_slide(tmp_path / "r.svs", 400, 400, mpp=0.25, nuclei=[], tile=128,
+                   tissue=[(0, 0, 400, 400)])
+    out = tmp_path / "out"
+    res = run(s.path, "-o", out, "--weights", folder, "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.stderr
+    record = json.loads((out / "r.run.json").read_text())
+    assert record["weights"] == {"name": "tiny",
+                                 "sha256": sha256_file(folder / "model.safetensors")}
+    assert record["device"] == "cpu" and record["model"]["tile_px"] == spec.input_size
+    assert record["counts"]["tiles"] == 4                      # 400 px / (300 - 2 * 40) px
+    fc = json.loads((out / "r.geojson").read_text())
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == record["counts"]["nuclei"]
+
+
+def test_cuda_asked_for_but_absent_is_a_usage_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    s = slide(tmp_path)
+    out = tmp_path / "out"
+    assert_clean_failure(run(s.path, "-o", out, "--device", "cuda:0"), 2, "cuda")
+    assert_nothing_in(out)

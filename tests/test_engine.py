@@ -17,8 +17,8 @@ import shapely
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from tests.oracle import OraclePredictor
-from tests.synth import grid_nuclei, paint
+from oracle import OraclePredictor
+from synth import grid_nuclei, paint
 from usnet_wsi.engine import (EngineCounts, EngineSettings, StageTimes, batched, claimed,
                               merged_nuclei, read_tiles, segment_nuclei, seconds_per_tile,
                               tile_nuclei_l0)

@@ -16,6 +16,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
@@ -217,12 +218,13 @@ def tile_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
     pending: deque[Future] = deque()
     max_pending = 2 * settings.batch_size
     try:
-        tiles = read_tiles(slide, plan, settings.workers, settings.prefetch_tiles, times)
-        for batch in batched(tiles, settings.batch_size):
-            for (tile, rgb), found in zip(batch, _predict(predictor, batch, times)):
-                pending.append(post.submit(_post, tile, plan, rgb, found, times))
-            while len(pending) > max_pending:
-                yield pending.popleft().result()
+        with closing(read_tiles(slide, plan, settings.workers, settings.prefetch_tiles,
+                                times)) as tiles:
+            for batch in batched(tiles, settings.batch_size):
+                for (tile, rgb), found in zip(batch, _predict(predictor, batch, times)):
+                    pending.append(post.submit(_post, tile, plan, rgb, found, times))
+                while len(pending) > max_pending:
+                    yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
     finally:
@@ -250,19 +252,20 @@ def merged_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
     counts = counts if counts is not None else EngineCounts()
     merger = Merger(plan, iou_threshold=settings.iou_threshold)
     row_top = {t.row: t.read_l0[1] for t in plan.tiles}
-    for res in tile_results(slide, plan, predictor, settings, times):
-        t0 = time.perf_counter()
-        final = merger.add(res.tile, res.nuclei)
-        times.add("merge", time.perf_counter() - t0)
-        counts.tiles += 1
-        counts.detected += res.n_detected
-        counts.owned += len(res.nuclei)
-        counts.nuclei += len(final)
-        # later nuclei come from rows still pending in the merger or from this row onwards
-        horizon = min(row_top[r] for r in merger.pending_rows + [res.tile.row])
-        yield MergedStep(final, float(horizon))
-        if task is not None:
-            task.advance(1, nuclei=counts.nuclei)
+    with closing(tile_results(slide, plan, predictor, settings, times)) as results:
+        for res in results:
+            t0 = time.perf_counter()
+            final = merger.add(res.tile, res.nuclei)
+            times.add("merge", time.perf_counter() - t0)
+            counts.tiles += 1
+            counts.detected += res.n_detected
+            counts.owned += len(res.nuclei)
+            counts.nuclei += len(final)
+            # later nuclei come from rows still pending in the merger or from this row onwards
+            horizon = min(row_top[r] for r in merger.pending_rows + [res.tile.row])
+            yield MergedStep(final, float(horizon))
+            if task is not None:
+                task.advance(1, nuclei=counts.nuclei)
     t0 = time.perf_counter()
     final = merger.flush()
     times.add("merge", time.perf_counter() - t0)

@@ -16,6 +16,7 @@ import tempfile
 import time
 from array import array
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -227,8 +228,9 @@ def _stream(slide: Slide, plan: TilePlan, model: "Predictor", cfg: SegmentConfig
                               prefetch_tiles=cfg.prefetch_tiles, iou_threshold=cfg.iou_threshold)
     centroids = array("d")
     label = 0
-    with reporter.task(info.name, total=len(plan.tiles)) as task:
-        for step in merged_nuclei(slide, plan, model, settings, task, times, counts):
+    with reporter.task(info.name, total=len(plan.tiles)) as task, \
+            closing(merged_nuclei(slide, plan, model, settings, task, times, counts)) as steps:
+        for step in steps:   # closing(): on an error the reader threads stop at once
             t0 = time.perf_counter()
             for nucleus in step.nuclei:
                 label += 1
