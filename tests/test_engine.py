@@ -252,3 +252,14 @@ def test_seconds_per_tile_times_the_predictor():
     oracle = OraclePredictor([], 100, 100, 0.5, 64, 8)
     assert seconds_per_tile(oracle, batch_size=2) > 0
     assert oracle.calls == 2
+
+
+def test_masks_reaching_outside_the_tile_are_clipped_to_it():
+    plan = plan_tiles((0, 0, 200, 200), 0.5, 0.5, 100, 20)     # scale 1, core 60
+    tile = plan.tiles[0]                                        # read box -20..80
+    mask = np.ones((60, 60), bool)                              # 10 px left of the tile,
+    found = TileNuclei(masks=[mask], origins=np.array([[-10, 20]]),  # centre (0, 30) owned
+                       scores=np.array([0.7], np.float32))
+    out = tile_nuclei_l0(tile, plan, np.full((100, 100, 3), 200, np.uint8), found)
+    assert len(out) == 1
+    assert out[0].bbox_l0 == pytest.approx((-20, 0, 30, 60))   # cut at the read box edge

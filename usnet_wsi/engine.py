@@ -150,16 +150,17 @@ def _mask_centres_tile(masks: Sequence[np.ndarray], origins: np.ndarray) -> np.n
     return out
 
 
-def _crop(rgb: np.ndarray, mask: np.ndarray, origin: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The tile pixels under a mask placed at `origin` (clipped to the tile), and the mask."""
+def _clip_to_tile(rgb: np.ndarray, mask: np.ndarray, origin: Sequence[int]
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """(tile pixels under the mask, the mask, its origin), all clipped to the tile, so that
+    polygons never leave the tile's read box."""
     x0, y0 = int(origin[0]), int(origin[1])
     h, w = mask.shape
     th, tw = rgb.shape[:2]
     cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + w, tw), min(y0 + h, th)
     if cx1 <= cx0 or cy1 <= cy0:
-        return rgb[:0, :0], mask[:0, :0]
-    return (rgb[cy0:cy1, cx0:cx1],
-            mask[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0])
+        return rgb[:0, :0], mask[:0, :0], (cx0, cy0)
+    return (rgb[cy0:cy1, cx0:cx1], mask[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0], (cx0, cy0))
 
 
 def tile_nuclei_l0(tile: Tile, plan: TilePlan, rgb: np.ndarray,
@@ -178,11 +179,11 @@ def tile_nuclei_l0(tile: Tile, plan: TilePlan, rgb: np.ndarray,
     to_l0 = lambda xy: tile_to_l0(xy, tile, plan)  # noqa: E731
     out: list[Nucleus] = []
     for i in np.flatnonzero(keep):
-        poly_tile = mask_to_polygon(masks[i], origin_xy=tuple(origins[i]))
+        pixels, mask, origin = _clip_to_tile(rgb, masks[i], origins[i])
+        poly_tile = mask_to_polygon(mask, origin_xy=origin) if mask.any() else None
         if poly_tile is None:
             continue
-        crop_rgb, crop_mask = _crop(rgb, masks[i], origins[i])
-        od = hematoxylin_od_mean(crop_rgb, crop_mask) if crop_mask.any() else math.nan
+        od = hematoxylin_od_mean(pixels, mask)
         out.append(Nucleus(polygon_l0=transform_polygon(poly_tile, to_l0),
                            score=float(scores[i]), tile_index=tile.index, hematoxylin_od=od))
     return out
