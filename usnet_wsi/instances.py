@@ -61,6 +61,21 @@ def _rescue_boxes(interior: np.ndarray, covered: np.ndarray, thr: Thresholds) ->
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
 
+def truncated(mask: np.ndarray, crop: tuple[int, int, int, int], size: int,
+              max_fraction: float) -> bool:
+    """True when the mask runs along its crop border (away from the tile edge) for more than
+    `max_fraction` of that border: the box was too small and the mask is a cut-off piece of a
+    larger nucleus (it would otherwise come out as a box-shaped fragment)."""
+    x0, y0, x1, y1 = crop
+    sides = [(mask[0], y0 > 0), (mask[-1], y1 < size), (mask[:, 0], x0 > 0),
+             (mask[:, -1], x1 < size)]
+    inner = [s for s, inside in sides if inside]
+    if not inner:
+        return False
+    on = sum(int(s.sum()) for s in inner)
+    return on > max_fraction * sum(len(s) for s in inner)
+
+
 def _paint(items: list[tuple[float, tuple[int, int, int, int], np.ndarray]], size: int,
            thr: Thresholds) -> TileNuclei:
     """Paint masks in score order onto one canvas; keep each one's largest remaining part."""
@@ -100,7 +115,8 @@ def tile_instances(model: USNet, x: torch.Tensor, out: USNetOutput, anchors: tor
     dets = [detect_boxes(out.conf_logits[i], out.loc[i], anchors, thr.score, thr.nms, thr.top_k,
                          size) for i in range(x.shape[0])]
     refined = refine_boxes(model, inp, [d[0].to("cpu") for d in dets])
-    items = [[(float(s), c, m.numpy()) for s, (c, m) in zip(d[1].tolist(), r)]
+    items = [[(float(s), c, m.numpy()) for s, (c, m) in zip(d[1].tolist(), r)
+              if not truncated(m.numpy(), c, size, thr.max_edge_fraction)]
              for d, r in zip(dets, refined)]
     if model.spec.rescue_missed:
         _add_rescued(model, inp, probs, items, thr)

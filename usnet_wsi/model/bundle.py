@@ -35,9 +35,10 @@ class Thresholds:
     rescue_prob: float = 0.5     # segmentation probability for rescued components
     rescue_min_area_px: int = 40
     keep_fraction: float = 0.5   # a mask losing more than this to higher-scored ones is dropped
+    max_edge_fraction: float = 0.3  # a mask covering more of its crop border is a cut-off piece
 
     def __post_init__(self) -> None:
-        for key in ("score", "nms", "rescue_prob", "keep_fraction"):
+        for key in ("score", "nms", "rescue_prob", "keep_fraction", "max_edge_fraction"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise WeightsError(f"threshold {key} = {v!r} must be a number in [0, 1]",

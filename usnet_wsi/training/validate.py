@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -30,14 +32,20 @@ def validate(model: USNet, data: list[Annotated], thresholds: Thresholds, dev: t
 
 def tune_thresholds(model: USNet, data: list[Annotated], base: Thresholds, dev: torch.device,
                     report=None) -> tuple[Thresholds, dict[str, float]]:
-    """Grid search of the detection score and NMS thresholds on validation AJI."""
+    """Coordinate search on validation AJI: detection score x NMS IoU, then the smallest
+    nucleus area. Returns the best thresholds and their validation metrics."""
     best, best_m = base, validate(model, data, base, dev)
-    for score in (0.2, 0.3, 0.4, 0.5):
-        for nms in (0.3, 0.45):
-            thr = Thresholds(**{**base.__dict__, "score": score, "nms": nms})
+    grids = [[{"score": s, "nms": n} for s in (0.25, 0.35, 0.45, 0.55) for n in (0.3, 0.45)],
+             [{"min_area_px": a} for a in (12, 30, 50)]]
+    for grid in grids:
+        start = best
+        for change in grid:
+            thr = replace(start, **change)
+            if thr == best:
+                continue
             m = validate(model, data, thr, dev)
             if report:
-                report(f"  score {score:.2f} nms {nms:.2f}: AJI {m['aji']:.4f} PQ {m['pq']:.4f}")
+                report(f"  {change}: AJI {m['aji']:.4f} PQ {m['pq']:.4f}")
             if m["aji"] > best_m["aji"]:
                 best, best_m = thr, m
     return best, best_m
