@@ -111,6 +111,7 @@ class _RichTask:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
             TextColumn("{task.fields[extra]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
@@ -121,7 +122,8 @@ class _RichTask:
 
     def __enter__(self) -> "_RichTask":
         self.progress.start()
-        self.task_id = self.progress.add_task(self.description, total=self.total, extra="")
+        self.task_id = self.progress.add_task(self.description, total=self.total, extra="",
+                                              rate="")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -130,3 +132,5 @@ class _RichTask:
     def advance(self, n: int = 1, **fields: object) -> None:
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
         self.progress.update(self.task_id, advance=n, extra=extra)
+        speed = self.progress.tasks[0].speed
+        self.progress.update(self.task_id, rate=f"{speed:.2f}/s" if speed else "")

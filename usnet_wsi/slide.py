@@ -37,7 +37,7 @@ _MIB = 1 << 20
 _PLAUSIBLE_MPP = (0.01, 100.0)   # um/px; values outside come from placeholder tags (72 dpi ...)
 _UM_PER_UNIT = {"centimeter": 1e4, "inch": 25400.0}
 _LANCZOS_A = 3                    # PIL's Lanczos support, in source pixels per output pixel
-_MAX_READ_PX = 64 * _MIB          # level pixels read at once by thumbnail()
+_MAX_READ_PX = 8 * _MIB           # level pixels read at once by thumbnail() (~32 MB RGBA)
 _CONVERT_HINT = ("give a whole-slide image (SVS, NDPI, MRXS, SCN, BIF, DICOM, tiled pyramidal "
                  "TIFF ...); convert other images with e.g. `vips tiffsave in.png out.tif --tile "
                  "--pyramid --compression jpeg`")
