@@ -94,7 +94,7 @@ def test_round_trip_gives_the_same_model_outputs(saved: Path) -> None:
 def test_round_trip_predictions_and_paths_to_bundle_files(saved: Path) -> None:
     rng = np.random.default_rng(2)
     tiles = rng.integers(0, 256, (2, 300, 300, 3), dtype=np.uint8)
-    thr = Thresholds(score=0.0, top_k=20, rescue_min_area_px=10_000)
+    thr = Thresholds(score=0.0, top_k=20, rescue_min_area_px=10_000, max_edge_fraction=1.0)
     want = ModelPredictor(tiny_model(), thr, torch.device("cpu")).predict(tiles)
     for given in (saved, saved / "model.safetensors", saved / "config.json"):
         pred = load_predictor(given, "cpu")

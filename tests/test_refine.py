@@ -169,7 +169,7 @@ def assert_valid_nuclei(tn: TileNuclei, size: int, thr: Thresholds) -> None:
 
 def test_tile_instances_are_disjoint_and_come_from_detections() -> None:
     model = tiny_model(rescue_missed=False)
-    thr = Thresholds(score=0.0, top_k=30, nms=0.3)
+    thr = Thresholds(score=0.0, top_k=30, nms=0.3, max_edge_fraction=1.0)  # random refiner: no edge filter
     tiles = random_tiles(2, 300)
     anchors = make_anchors(model.spec)
     with torch.no_grad():
@@ -261,7 +261,7 @@ def test_predict_image_finds_every_nucleus_once_across_tile_borders() -> None:
 
 def test_predict_image_with_a_random_model_gives_a_consistent_label_map() -> None:
     model = tiny_model(seed=2, input_size=128, halo_px=16)
-    thr = Thresholds(score=0.0, top_k=40)    # a random detector scores the tile edges first
+    thr = Thresholds(score=0.0, top_k=40, max_edge_fraction=1.0)  # random detector and refiner
     pred = ModelPredictor(model, thr, torch.device("cpu"))
     rgb = random_tiles(1, 200, seed=3)[0][:150]
     labels, scores = predict_image(pred, rgb, batch_size=3)
@@ -272,3 +272,19 @@ def test_predict_image_with_a_random_model_gives_a_consistent_label_map() -> Non
     ordered = [scores[k] for k in sorted(scores)]
     assert ordered == sorted(ordered, reverse=True)       # painted best first
     assert all(0.0 <= s <= 1.0 for s in ordered)
+
+
+def test_masks_cut_off_by_their_crop_border_are_flagged() -> None:
+    from usnet_wsi.instances import truncated
+    inner = np.zeros((20, 20), bool)
+    inner[5:15, 5:15] = True                       # a nucleus well inside its crop
+    assert not truncated(inner, (100, 100, 120, 120), 300, 0.3)
+    full = np.ones((20, 20), bool)                 # fills the crop: a piece of a larger nucleus
+    assert truncated(full, (100, 100, 120, 120), 300, 0.3)
+    # the same full mask against the tile edge on every side is not "cut off by the crop"
+    assert not truncated(np.ones((300, 300), bool), (0, 0, 300, 300), 300, 0.3)
+    # touching only the tile edge (left) while inside elsewhere
+    edge = np.zeros((20, 20), bool)
+    edge[5:15, 0:10] = True
+    assert not truncated(edge, (0, 100, 20, 120), 300, 0.3)
+    assert truncated(edge, (10, 100, 30, 120), 300, 0.1)    # 10 of 80 border pixels
