@@ -14,7 +14,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from usnet_wsi.errors import OutputError
 
@@ -28,6 +28,20 @@ def output_error(path: Path, exc: OSError) -> OutputError:
         f"cannot write {path}: {reason}",
         hint="check that the output folder exists, is writable and has free disk space",
     )
+
+
+def call_or_abort(path: Path, abort: Callable[[], None], fn: Callable[..., Any],
+                  *args: Any) -> None:
+    """Run fn(*args); on any error call `abort` (which removes the temporary) and re-raise,
+    OS errors as an OutputError naming `path`."""
+    try:
+        fn(*args)
+    except OSError as exc:
+        abort()
+        raise output_error(path, exc) from exc
+    except BaseException:
+        abort()
+        raise
 
 
 def _remove(path: Path) -> None:

@@ -33,7 +33,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.polygon import orient
 
-from usnet_wsi.writers.atomic import AtomicTarget, output_error
+from usnet_wsi.writers.atomic import AtomicTarget, call_or_abort
 
 NUCLEUS_COLOR = (200, 60, 60)
 SCORE_KEY = "Detection probability"
@@ -134,15 +134,7 @@ class GeoJSONWriter:
         self._out.write(_HEADER)
 
     def _guard(self, fn: Any, *args: Any) -> None:
-        """Run fn; on any error remove the temporary (OS errors become OutputError)."""
-        try:
-            fn(*args)
-        except OSError as exc:
-            self.abort()
-            raise output_error(self.path, exc) from exc
-        except BaseException:
-            self.abort()
-            raise
+        call_or_abort(self.path, self.abort, fn, *args)
 
     def feature(self, record: Mapping[str, Any]) -> dict | None:
         """The GeoJSON feature dict of one record (None when its polygon is degenerate)."""

@@ -42,7 +42,7 @@ import shapely
 import zarr
 from zarr.codecs import BloscCodec
 
-from usnet_wsi.writers.atomic import AtomicTarget, output_error
+from usnet_wsi.writers.atomic import AtomicTarget, call_or_abort
 
 NGFF_VERSION = "0.5"
 LABEL_NAME = "nuclei"
@@ -252,15 +252,7 @@ class LabelZarrWriter:
         )
 
     def _guard(self, fn: Any, *args: Any) -> None:
-        """Run fn; on any error remove the temporary store (OS errors become OutputError)."""
-        try:
-            fn(*args)
-        except OSError as exc:
-            self.abort()
-            raise output_error(self.path, exc) from exc
-        except BaseException:
-            self.abort()
-            raise
+        call_or_abort(self.path, self.abort, fn, *args)
 
     @property
     def n_pending(self) -> int:
