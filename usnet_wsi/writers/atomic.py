@@ -30,6 +30,25 @@ def output_error(path: Path, exc: OSError) -> OutputError:
     )
 
 
+class AbortOnError:
+    """Context-manager mixin for streaming writers: `close()` on success, `abort()` on error."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def abort(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def call_or_abort(path: Path, abort: Callable[[], None], fn: Callable[..., Any],
                   *args: Any) -> None:
     """Run fn(*args); on any error call `abort` (which removes the temporary) and re-raise,

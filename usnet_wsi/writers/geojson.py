@@ -33,7 +33,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.polygon import orient
 
-from usnet_wsi.writers.atomic import AtomicTarget, call_or_abort
+from usnet_wsi.writers.atomic import AbortOnError, AtomicTarget, call_or_abort
 
 NUCLEUS_COLOR = (200, 60, 60)
 SCORE_KEY = "Detection probability"
@@ -93,7 +93,7 @@ def _measurements(record: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-class GeoJSONWriter:
+class GeoJSONWriter(AbortOnError):
     """Streaming, atomic writer of nuclei as QuPath detections.
 
     Use as a context manager (or call `close()` / `abort()`); records are dicts with
@@ -196,11 +196,3 @@ class GeoJSONWriter:
         self._out = self._raw = None
         self._target.abort()
 
-    def __enter__(self) -> "GeoJSONWriter":
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

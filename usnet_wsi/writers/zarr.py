@@ -42,7 +42,7 @@ import shapely
 import zarr
 from zarr.codecs import BloscCodec
 
-from usnet_wsi.writers.atomic import AtomicTarget, call_or_abort
+from usnet_wsi.writers.atomic import AbortOnError, AtomicTarget, call_or_abort
 
 NGFF_VERSION = "0.5"
 LABEL_NAME = "nuclei"
@@ -181,7 +181,7 @@ class _Table:
             self.rows[name] = []
 
 
-class LabelZarrWriter:
+class LabelZarrWriter(AbortOnError):
     """Band-by-band, atomic writer of the nuclei label pyramid and table (see module doc).
 
     Use as a context manager, or call `close()` (commit) / `abort()` (remove everything).
@@ -325,11 +325,3 @@ class LabelZarrWriter:
         self._pending = []
         self._target.abort()
 
-    def __enter__(self) -> "LabelZarrWriter":
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
