@@ -46,7 +46,7 @@ def test_image_without_nuclei_zero_loc_finite_conf():
     conf = losses.focal_conf(logits, labels, eta_bg, eta_fg)
     assert torch.isfinite(conf) and conf > 0
     loc = losses.loc_loss(torch.randn(2, 50, 4, requires_grad=True), torch.zeros(2, 50, 4), labels)
-    assert float(loc) == 0.0
+    assert loc.item() == 0.0
     loc.backward()   # still differentiable
 
 
