@@ -56,26 +56,31 @@ def stain_maps(rng: np.random.Generator, tissue: np.ndarray, n_nuclei: int) -> t
     resid = tissue * (0.035 + 0.004 * smooth_noise(rng, (h, w), 12))
     chromatin = smooth_noise(rng, (h, w), 1.5)
     taken = np.zeros((h, w), bool)
+    kept = []
     for y, x in nucleus_centres(rng, tissue, n_nuclei):
         ry, rx = rng.uniform(8, 17), rng.uniform(8, 17)
         rr, cc = ellipse(y, x, ry, rx, shape=(h, w), rotation=rng.uniform(0, np.pi))
         if taken[rr, cc].mean() > 0.3:
             continue
         taken[rr, cc] = True
+        kept.append((float(x), float(y)))
         dark = rng.uniform(0.06, 0.13)
         hema[rr, cc] = dark * (1 + 0.25 * chromatin[rr, cc])
         resid[rr, cc] = 0.055
     hema = ndimage.gaussian_filter(hema, 0.8)
-    return np.clip(hema, 0, None), np.clip(eosin, 0, None), ndimage.gaussian_filter(resid, 0.8)
+    return (np.clip(hema, 0, None), np.clip(eosin, 0, None), ndimage.gaussian_filter(resid, 0.8),
+            np.array(kept).reshape(-1, 2))
 
 
-def make_example(width: int = 2000, height: int = 1500, seed: int = 7) -> np.ndarray:
+def make_example(width: int = 2000, height: int = 1500, seed: int = 7) -> tuple[np.ndarray,
+                                                                                np.ndarray]:
+    """(uint8 RGB image, (N, 2) x, y centres of the painted nuclei)."""
     rng = np.random.default_rng(seed)
     tissue = tissue_region(rng, height, width)
-    hema, eosin, resid = stain_maps(rng, tissue, n_nuclei=int(tissue.sum() / 2000))
+    hema, eosin, resid, centres = stain_maps(rng, tissue, n_nuclei=int(tissue.sum() / 2000))
     hed = np.stack([hema, eosin, resid], axis=-1)
     rgb = hed2rgb(hed)
-    return np.clip(rgb * 255 + rng.normal(0, 2, rgb.shape), 0, 255).astype(np.uint8)
+    return np.clip(rgb * 255 + rng.normal(0, 2, rgb.shape), 0, 255).astype(np.uint8), centres
 
 
 def main() -> None:
@@ -85,7 +90,7 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
-    rgb = make_example(args.width, args.height, args.seed)
+    rgb, _ = make_example(args.width, args.height, args.seed)
     write_pyramidal_tiff(args.out, rgb, mpp=0.25, kind="svs", quality=90)
 
 

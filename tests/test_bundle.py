@@ -309,3 +309,19 @@ def test_sha_check_comes_before_parsing(saved: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(WeightsError, match="SHA-256"):
         load_bundle(saved)
     assert calls == []
+
+
+def test_half_precision_storage_halves_the_file_and_keeps_outputs(tmp_path: Path) -> None:
+    model = tiny_model()
+    full = save_bundle(tmp_path / "f32", "f32", model, model.spec, Thresholds(), "card")
+    half = save_bundle(tmp_path / "f16", "f16", model, model.spec, Thresholds(), "card",
+                       dtype=torch.float16)
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    b = load_bundle(half)
+    assert b.config["storage_dtype"] == "float16"
+    assert all(v.dtype != torch.float16 for v in b.state.values())
+    x = torch.randn(1, 3, 300, 300, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = model.eval()(x), b.build_model()(x)
+    torch.testing.assert_close(got.seg_logits, want.seg_logits, atol=0.05, rtol=0.05)

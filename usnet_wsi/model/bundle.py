@@ -149,10 +149,12 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     _refuse_pickle(path)
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{path} is not a readable safetensors file ({err})",
                            "restore the bundle from the release or retrain") from None
+    # bundles may store floating tensors in half precision; the model computes in float32
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def load_bundle(path: str | Path | None = None) -> Bundle:
@@ -178,8 +180,10 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
 
 
 def save_bundle(folder: Path, name: str, model: torch.nn.Module, spec: ModelSpec,
-                thresholds: Thresholds, card: str, extra: dict[str, Any] | None = None) -> Path:
-    """Write a bundle atomically (temporary folder beside `folder`, then rename)."""
+                thresholds: Thresholds, card: str, extra: dict[str, Any] | None = None,
+                dtype: torch.dtype = torch.float32) -> Path:
+    """Write a bundle atomically (temporary folder beside `folder`, then rename). `dtype`
+    float16 halves the file (the shipped bundle); loading always computes in float32."""
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -187,9 +191,11 @@ def save_bundle(folder: Path, name: str, model: torch.nn.Module, spec: ModelSpec
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+              "storage_dtype": str(dtype).replace("torch.", ""),
               "spec": spec.to_dict(), "weights_sha256": sha256_file(tmp / "model.safetensors"),
               **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
