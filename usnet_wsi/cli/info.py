@@ -14,6 +14,17 @@ from usnet_wsi.console import Reporter
 from usnet_wsi.errors import WeightsError
 
 
+def sample_tiles(slide: "Slide", opts: SlideOptions, model: dict, n: int) -> "np.ndarray":
+    """`n` tissue tiles spread over the plan, read as the engine reads them."""
+    import numpy as np
+    from usnet_wsi.pipeline import find_tissue, plan_slide
+    plan = plan_slide(slide, opts, find_tissue(slide), model["tile_px"], model["halo_px"],
+                      model["mpp"])
+    picks = np.linspace(0, len(plan.tiles) - 1, n).round().astype(int)
+    size = (plan.tile_px, plan.tile_px)
+    return np.stack([slide.read_region(plan.tiles[i].read_l0, size) for i in picks])
+
+
 def model_settings(weights: Path | None, device: str, estimate: bool,
                    reporter: Reporter) -> tuple[dict[str, Any], Any]:
     """(tile/halo/mpp/name of the model, predictor or None). Without a loadable default
@@ -104,13 +115,13 @@ def info(slide: str, mpp: float | None, roi: str | None, no_tissue_mask: bool,
     with open_slide(slide, opts.mpp, reporter) as s:
         model, predictor = model_settings(weights, device, estimate, reporter)
         d = slide_summary(s, opts, model["tile_px"], model["halo_px"], model["mpp"])
+        if predictor is not None and d["tiles"]:
+            from usnet_wsi.engine import seconds_per_tile
+            sample = sample_tiles(s, opts, model, min(batch_size, d["tiles"]))
+            per_tile = seconds_per_tile(predictor, len(sample), tiles=sample)
+            d["estimate"] = {"device": predictor.device, "seconds_per_tile": per_tile,
+                             "batch_size": batch_size, "seconds": per_tile * d["tiles"]}
     d["model"] = model
-    if predictor is not None:
-        from usnet_wsi.engine import seconds_per_tile
-
-        per_tile = seconds_per_tile(predictor, max(1, min(batch_size, d["tiles"])))
-        d["estimate"] = {"device": predictor.device, "seconds_per_tile": per_tile,
-                         "batch_size": batch_size, "seconds": per_tile * d["tiles"]}
     if as_json:
         click.echo(json.dumps(d, indent=2))
     else:
