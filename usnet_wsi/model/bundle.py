@@ -201,6 +201,8 @@ def save_bundle(folder: Path, name: str, model: torch.nn.Module, spec: ModelSpec
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (tmp / "thresholds.json").write_text(json.dumps(asdict(thresholds), indent=2) + "\n")
     (tmp / "MODEL_CARD.md").write_text(card)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~umask)
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old")
         os.replace(folder, old)
