@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
+from usnet_wsi.console import Task
 from usnet_wsi.geometry import mask_to_polygon, transform_polygon
 from usnet_wsi.measure import hematoxylin_od_mean
 from usnet_wsi.merge import Merger, Nucleus
@@ -40,10 +41,6 @@ OWNERSHIP_SLACK_TILE_PX = 1.0
 class RegionReader(Protocol):
     def read_region(self, box_l0: tuple[int, int, int, int],
                     out_size: tuple[int, int]) -> np.ndarray: ...
-
-
-class ProgressTask(Protocol):
-    def advance(self, n: int = 1, **fields: object) -> None: ...
 
 
 @dataclass
@@ -242,7 +239,7 @@ class MergedStep:
 
 
 def merged_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
-                  settings: EngineSettings, task: ProgressTask | None = None,
+                  settings: EngineSettings, task: Task | None = None,
                   times: StageTimes | None = None,
                   counts: EngineCounts | None = None) -> Iterator[MergedStep]:
     """Final nuclei of the plan (merged, non-overlapping) in a deterministic order.
