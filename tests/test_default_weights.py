@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist

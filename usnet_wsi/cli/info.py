@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -12,6 +12,11 @@ from usnet_wsi.cli.common import guarded, make_reporter, parse_box, verbosity_op
 from usnet_wsi.config import SlideOptions, check_device, check_positive_int
 from usnet_wsi.console import Reporter
 from usnet_wsi.errors import WeightsError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import numpy as np
+
+    from usnet_wsi.slide import Slide
 
 
 def sample_tiles(slide: "Slide", opts: SlideOptions, model: dict, n: int) -> "np.ndarray":

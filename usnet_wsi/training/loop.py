@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,9 @@ import torch.nn.functional as F
 from usnet_wsi import losses
 from usnet_wsi.anchors import make_anchors
 from usnet_wsi.console import Reporter
-from usnet_wsi.model.bundle import Bundle, Thresholds, load_bundle, save_bundle
+from usnet_wsi.model.bundle import Thresholds, load_bundle, save_bundle
 from usnet_wsi.model.refine import context_boxes, crop_resize
-from usnet_wsi.model.spec import ModelSpec, recipe_spec
+from usnet_wsi.model.spec import recipe_spec
 from usnet_wsi.model.usnet import USNet
 from usnet_wsi.training.batches import Batch, epoch_windows, make_batch, refine_samples
 from usnet_wsi.training.data import Annotated
@@ -175,7 +174,6 @@ def train(cfg: TrainConfig, data: list[Annotated], val: list[Annotated], reporte
     from usnet_wsi.predict import resolve_device
     from usnet_wsi.training.checkpoint import save_checkpoint
     dev = resolve_device(cfg.device)
-    rng = np.random.default_rng(cfg.seed)
     model, opts, state = _init(cfg, dev, reporter)
     anchors = make_anchors(model.spec)
     rng = np.random.default_rng([cfg.seed, state.step])
