@@ -146,6 +146,11 @@ def _run_epoch(model, opts, data, anchors, cfg, state, rng, dev, t_start, report
     """One pass over the shuffled paper windows. Returns False when time ran out."""
     wins = epoch_windows(data, rng)
     n_batches = len(wins) // cfg.batch_size
+    if n_batches == 0:
+        from usnet_wsi.errors import UsageError
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(wins)} training "
+                         "windows of the data (400x400, stride 200)",
+                         f"use --batch-size {max(1, len(wins))} or add images")
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     agg: dict[str, float] = {}
     with reporter.task(f"epoch {state.epoch + 1}/{cfg.epochs}", n_batches) as task:
@@ -186,6 +191,8 @@ def train(cfg: TrainConfig, data: list[Annotated], val: list[Annotated], reporte
         last = not finished or state.epoch >= cfg.epochs
         if val and (state.epoch % cfg.val_every == 0 or last):
             m = validate(model, val, thr, dev, model.spec.mpp)
+            if not finished:   # time ran out part-way: record the partial epoch
+                state.history.append({"epoch": state.epoch + 1, "partial": True})
             state.history[-1].update({f"val_{k}": round(v, 4) for k, v in m.items()})
             reporter.info(f"epoch {state.epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
             if m["aji"] > state.best_aji:
