@@ -219,32 +219,28 @@ def _first_per_group(order: np.ndarray, group: np.ndarray) -> np.ndarray:
     return order[np.r_[True, g[1:] != g[:-1]]]
 
 
-def _aji_counts(ov: Overlap) -> tuple[int, int]:
-    """(sum of intersections, sum of unions) of Kumar's AJI (many-to-one)."""
-    iou = ov.pair_iou
-    # per GT: highest IoU, ties -> lowest prediction index
-    best = _first_per_group(np.lexsort((ov.pair_pred, -iou, ov.pair_gt)), ov.pair_gt)
-    inter = int(ov.pair_inter[best].sum())
-    union = int(ov.pair_union[best].sum())
-    unmatched_gt = np.ones(ov.gt_ids.size, bool)
-    unmatched_gt[ov.pair_gt[best]] = False
-    untaken = np.ones(ov.pred_ids.size, bool)
-    untaken[ov.pair_pred[best]] = False
-    union += int(ov.gt_area[unmatched_gt].sum() + ov.pred_area[untaken].sum())
-    return inter, union
-
-
-def _aji_plus_counts(ov: Overlap) -> tuple[int, int]:
-    """(sum of intersections, sum of unions) of AJI+ (one-to-one, max summed IoU)."""
-    picked = _match(ov.pair_gt, ov.pair_pred, -ov.pair_iou, fill=0.0)
+def _paired_totals(ov: Overlap, picked: np.ndarray) -> tuple[int, int]:
+    """Intersections and unions of the picked pairs; GT and predictions left out of every
+    picked pair add their whole area to the union."""
     inter = int(ov.pair_inter[picked].sum())
     union = int(ov.pair_union[picked].sum())
     gt_free = np.ones(ov.gt_ids.size, bool)
     gt_free[ov.pair_gt[picked]] = False
     pred_free = np.ones(ov.pred_ids.size, bool)
     pred_free[ov.pair_pred[picked]] = False
-    union += int(ov.gt_area[gt_free].sum() + ov.pred_area[pred_free].sum())
-    return inter, union
+    return inter, union + int(ov.gt_area[gt_free].sum() + ov.pred_area[pred_free].sum())
+
+
+def _aji_counts(ov: Overlap) -> tuple[int, int]:
+    """(sum of intersections, sum of unions) of Kumar's AJI (many-to-one)."""
+    # per GT: highest IoU, ties -> lowest prediction index
+    best = _first_per_group(np.lexsort((ov.pair_pred, -ov.pair_iou, ov.pair_gt)), ov.pair_gt)
+    return _paired_totals(ov, best)
+
+
+def _aji_plus_counts(ov: Overlap) -> tuple[int, int]:
+    """(sum of intersections, sum of unions) of AJI+ (one-to-one, max summed IoU)."""
+    return _paired_totals(ov, _match(ov.pair_gt, ov.pair_pred, -ov.pair_iou, fill=0.0))
 
 
 def _pq_counts(ov: Overlap) -> tuple[int, int, int, float]:
