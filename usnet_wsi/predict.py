@@ -96,33 +96,29 @@ def predict_image(predictor: Predictor, rgb: np.ndarray, batch_size: int = 8) ->
         np.ndarray, dict[int, float]]:
     """Segment an in-memory RGB image at the model's resolution.
 
-    Tiles with a halo, keeps a nucleus only in the tile whose core holds its centre, paints in
-    score order without overlaps. Returns (uint32 label image, {label: score})."""
-    t, halo = predictor.tile_px, predictor.halo_px
-    core = t - 2 * halo
+    Uses the same tile plan and ownership rule as slides (usnet_wsi.tiling: cores partition
+    the image, a nucleus belongs to the tile whose core holds its centroid; outside the image is
+    white) and paints in score order without overlaps. Returns (uint32 labels, {label: score})."""
+    from usnet_wsi.tiling import owned, plan_tiles
     h, w = rgb.shape[:2]
-    ny, nx = -(-h // core), -(-w // core)
-    padded = np.full((ny * core + 2 * halo, nx * core + 2 * halo, 3), 255, np.uint8)
-    padded[halo:halo + h, halo:halo + w] = rgb
-    origins = [(r * core, c * core) for r in range(ny) for c in range(nx)]
+    plan = plan_tiles((0, 0, w, h), predictor.mpp, predictor.mpp, predictor.tile_px,
+                      predictor.halo_px)
+    pad = plan.halo_l0 + plan.read_size_l0
+    padded = np.full((h + 2 * pad, w + 2 * pad, 3), 255, np.uint8)
+    padded[pad:pad + h, pad:pad + w] = rgb
     found: list[tuple[float, int, int, np.ndarray]] = []
-    for i in range(0, len(origins), batch_size):
-        batch = origins[i:i + batch_size]
-        tiles = np.stack([padded[y:y + t, x:x + t] for y, x in batch])
-        for (y, x), nuc in zip(batch, predictor.predict(tiles, [None] * len(batch))):
-            found += _owned(nuc, x - halo, y - halo, halo, core)
+    for i in range(0, len(plan.tiles), batch_size):
+        batch = plan.tiles[i:i + batch_size]
+        tiles = np.stack([padded[t.read_l0[1] + pad:t.read_l0[3] + pad,
+                                 t.read_l0[0] + pad:t.read_l0[2] + pad] for t in batch])
+        for tile, nuc in zip(batch, predictor.predict(tiles, batch)):
+            x0, y0 = tile.read_l0[:2]
+            for m, (mx, my), s in zip(nuc.masks, nuc.origins, nuc.scores):
+                ys, xs = np.nonzero(m)
+                centre = np.array([[xs.mean() + mx + x0, ys.mean() + my + y0]])
+                if owned(tile, centre)[0]:
+                    found.append((float(s), int(mx + x0), int(my + y0), m))
     return _paint_labels(found, h, w)
-
-
-def _owned(nuc: TileNuclei, ox: int, oy: int, halo: int, core: int) -> list:
-    """Nuclei whose mask centroid lies in the tile core, moved to image coordinates."""
-    kept = []
-    for m, (x0, y0), s in zip(nuc.masks, nuc.origins, nuc.scores):
-        ys, xs = np.nonzero(m)
-        cx, cy = xs.mean() + x0, ys.mean() + y0
-        if halo <= cx < halo + core and halo <= cy < halo + core:
-            kept.append((float(s), int(x0 + ox), int(y0 + oy), m))
-    return kept
 
 
 def _paint_labels(found: list, h: int, w: int) -> tuple[np.ndarray, dict[int, float]]:
