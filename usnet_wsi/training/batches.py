@@ -41,10 +41,13 @@ def make_batch(data: list[Annotated], windows: list[tuple[int, int, int]], spec:
         bt = torch.from_numpy(b)
         al, gi = match(bt, anchors)
         loc = encode(bt[gi], anchors) if len(b) else torch.zeros_like(anchors)
-        imgs.append(torch.from_numpy(rgb)); labs.append(torch.from_numpy(lab))
-        segs.append(torch.from_numpy(seg_target(lab, max(spec.seg_classes, 1) if
-                                                spec.seg_classes > 1 else 1)))
-        alabs.append(al); locs.append(loc); boxes.append(bt); ids.append(torch.from_numpy(bid))
+        imgs.append(torch.from_numpy(rgb))
+        labs.append(torch.from_numpy(lab))
+        segs.append(torch.from_numpy(seg_target(lab, spec.seg_classes)))
+        alabs.append(al)
+        locs.append(loc)
+        boxes.append(bt)
+        ids.append(torch.from_numpy(bid))
     return Batch(torch.stack(imgs), torch.stack(segs), torch.stack(labs), torch.stack(alabs),
                  torch.stack(locs), boxes, ids)
 
@@ -60,7 +63,9 @@ def refine_samples(batch: Batch, per_image: int, rng: np.random.Generator, jitte
         bb = b[pick].clone()
         wh = (bb[:, 2:] - bb[:, :2]).repeat(1, 2)
         bb += torch.from_numpy(rng.uniform(-jitter, jitter, bb.shape).astype(np.float32)) * wh
-        bidx.append(torch.full((len(pick),), i)); bxs.append(bb); ids.append(idv[pick])
+        bidx.append(torch.full((len(pick),), i))
+        bxs.append(bb)
+        ids.append(idv[pick])
     if not bxs:
         return torch.zeros(0, dtype=torch.long), torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long)
     return torch.cat(bidx), torch.cat(bxs), torch.cat(ids)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from usnet_wsi import losses
 from usnet_wsi.anchors import make_anchors
 from usnet_wsi.console import Reporter
+from usnet_wsi.errors import UsageError
 from usnet_wsi.model.bundle import Thresholds, load_bundle, save_bundle
 from usnet_wsi.model.refine import context_boxes, crop_resize
 from usnet_wsi.model.spec import recipe_spec
@@ -147,7 +148,6 @@ def _run_epoch(model, opts, data, anchors, cfg, state, rng, dev, t_start, report
     wins = epoch_windows(data, rng)
     n_batches = len(wins) // cfg.batch_size
     if n_batches == 0:
-        from usnet_wsi.errors import UsageError
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(wins)} training "
                          "windows of the data (400x400, stride 200)",
                          f"use --batch-size {max(1, len(wins))} or add images")
