@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from skimage.draw import ellipse
 
-from usnet_wsi.instances import TileNuclei
+from usnet_wsi.instances import InstanceBatch, TileInstances, paint_masks
 from usnet_wsi.tiling import Tile
 
 _CELL_L0 = 256   # spatial index cell side, level-0 px
@@ -85,30 +85,32 @@ class OraclePredictor:
         """Deterministic, distinct-ish score of nucleus i in [0.5, 1)."""
         return 0.5 + 0.5 * ((i * 0.6180339887) % 1.0)
 
-    def predict(self, tiles: np.ndarray, meta: Sequence[Tile]) -> list[TileNuclei]:
+    def predict(self, tiles: np.ndarray, meta: Sequence[Tile] | None = None,
+                regions: np.ndarray | None = None) -> InstanceBatch:
         if tiles.dtype != np.uint8 or tiles.shape[1:] != (self.tile_px, self.tile_px, 3):
             raise AssertionError(f"bad tile batch {tiles.dtype} {tiles.shape}")
-        if len(tiles) != len(meta):
-            raise AssertionError(f"{len(tiles)} tiles but {len(meta)} meta entries")
+        if meta is None or len(tiles) != len(meta):
+            raise AssertionError(f"{len(tiles)} tiles but meta {meta!r}")
+        if regions is not None and len(regions) != len(tiles):
+            raise AssertionError(f"{len(tiles)} tiles but {len(regions)} regions")
         self.calls += 1
-        return [self._tile(rgb, tile) for rgb, tile in zip(tiles, meta)]
+        return InstanceBatch.from_tiles([self._tile(rgb, t.read_l0) for rgb, t in zip(tiles, meta)])
 
-    def _tile(self, rgb: np.ndarray, tile: Tile) -> TileNuclei:
-        rx0, ry0, rx1, ry1 = tile.read_l0
+    def _tile(self, rgb: np.ndarray, read_l0: tuple[int, int, int, int]) -> TileInstances:
+        rx0, ry0, rx1, ry1 = read_l0
         s = (rx1 - rx0) / self.tile_px            # level-0 px per tile px
         masks, origins, scores = [], [], []
-        for i in self._near(tile.read_l0):
+        for i in self._near(read_l0):
             found = self._mask(i, rx0, ry0, s)
             if found is None:
                 continue
             mask, origin = found
             if self.check_pixels:
-                self._check_dark(rgb, mask, origin, i, tile)
+                self._check_dark(rgb, mask, origin, i, read_l0)
             masks.append(mask)
             origins.append(origin)
             scores.append(self.score(int(i)))
-        return TileNuclei(masks=masks, origins=np.array(origins, dtype=np.int64).reshape(-1, 2),
-                          scores=np.array(scores, dtype=np.float32))
+        return paint_masks(masks, origins, scores, self.tile_px)
 
     def _mask(self, i: int, rx0: int, ry0: int, s: float):
         """(bool mask, (x0, y0)) of nucleus i in the tile frame, or None if it is not fully
@@ -134,12 +136,12 @@ class OraclePredictor:
         return mask, (c0, r0)
 
     def _check_dark(self, rgb: np.ndarray, mask: np.ndarray, origin: tuple[int, int],
-                    i: int, tile: Tile) -> None:
+                    i: int, read_l0: tuple[int, int, int, int]) -> None:
         x0, y0 = origin
         h, w = mask.shape
         green = rgb[y0:y0 + h, x0:x0 + w, 1][mask]
         # nuclei are painted with G ~ 42, tissue ~ 160, glass ~ 241; resampling blurs the rim
         dark = float(np.percentile(green, 25))
         if dark > 110:
-            raise AssertionError(f"tile {tile.index}: pixels under true nucleus {i} are not "
+            raise AssertionError(f"tile at {read_l0}: pixels under true nucleus {i} are not "
                                  f"nucleus-coloured (G 25th percentile {dark:.0f}): wrong region?")

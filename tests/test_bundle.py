@@ -101,11 +101,9 @@ def test_round_trip_predictions_and_paths_to_bundle_files(saved: Path) -> None:
         pred.thresholds = thr
         assert pred.sha256 == sha256_file(saved / "model.safetensors")
         got = pred.predict(tiles)
-        assert [len(t) for t in got] == [len(t) for t in want] and len(got[0]) > 0
-        for g, w in zip(got, want):
-            np.testing.assert_array_equal(g.origins, w.origins)
-            np.testing.assert_array_equal(g.scores, w.scores)
-            assert all((a == b).all() for a, b in zip(g.masks, w.masks))
+        assert got.counts.tolist() == want.counts.tolist() and got.counts[0] > 0
+        np.testing.assert_array_equal(got.labels, want.labels)
+        np.testing.assert_array_equal(got.scores, want.scores)
 
 
 def test_save_replaces_an_existing_bundle_and_keeps_extra_config(saved: Path) -> None:

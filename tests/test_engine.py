@@ -19,11 +19,10 @@ from PIL import Image
 
 from oracle import OraclePredictor
 from synth import grid_nuclei, paint
-from usnet_wsi.engine import (EngineCounts, EngineSettings, StageTimes, batched, claimed,
-                              merged_nuclei, read_tiles, segment_nuclei, seconds_per_tile,
-                              tile_nuclei_l0)
-from usnet_wsi.instances import TileNuclei
-from usnet_wsi.tiling import plan_tiles
+from usnet_wsi.engine import (EngineCounts, EngineSettings, StageTimes, batched, merged_nuclei,
+                              read_tiles, segment_nuclei, seconds_per_tile, tile_frame)
+from usnet_wsi.nuclei import tile_nuclei
+from usnet_wsi.tiling import claimed, plan_tiles
 
 
 class ArrayReader:
@@ -195,21 +194,35 @@ def test_claimed_grows_core_inside_roi_only():
     assert claimed(t, plan, pts).tolist() == [True, True, False, False, True]
 
 
-def test_tile_nuclei_l0_maps_masks_to_level0_and_drops_unowned():
+def test_tile_nuclei_maps_labels_to_level0_and_drops_unowned():
     plan = plan_tiles((0, 0, 400, 400), 0.25, 0.5, 100, 20)  # 2 l0 px per tile px, core 120
     tile = plan.tiles[1]                # core x 120..240, y 0..120; read x 80..280, y -40..160
-    square = np.ones((10, 10), bool)
-    found = TileNuclei(masks=[square, square], origins=np.array([[40, 30], [2, 2]]),
-                       scores=np.array([0.9, 0.8], np.float32))
+    labels = np.zeros((100, 100), np.int32)
+    labels[30:40, 40:50] = 1            # centre (45, 35) tile px -> (170, 30) l0: owned
+    labels[2:12, 2:12] = 2              # centre (7, 7) -> (94, -26): in the halo
     rgb = np.full((100, 100, 3), 230, np.uint8)
     rgb[30:40, 40:50] = (60, 30, 120)
-    out = tile_nuclei_l0(tile, plan, rgb, found)
-    assert len(out) == 1                                      # the second lies in the halo
+    out = tile_nuclei(tile_frame(tile, plan), rgb, labels, np.array([0.9, 0.8], np.float32))
+    assert len(out) == 1
     n = out[0]
     assert n.bbox_l0 == pytest.approx((80 + 2 * 40, -40 + 2 * 30, 80 + 2 * 50, -40 + 2 * 40), abs=1.1)
     assert 0.85 * 400 <= n.polygon_l0.area <= 400            # 10x10 tile px = 20x20 l0 px
     assert n.score == pytest.approx(0.9) and n.tile_index == tile.index
     assert n.hematoxylin_od > 0.3                             # dark purple under the mask
+    pale = tile_nuclei(tile_frame(tile, plan), np.full((100, 100, 3), 230, np.uint8), labels,
+                       np.array([0.9, 0.8], np.float32))
+    assert pale[0].hematoxylin_od < n.hematoxylin_od
+
+
+def test_tile_nuclei_skips_labels_without_pixels_and_keeps_label_order():
+    plan = plan_tiles((0, 0, 200, 200), 0.5, 0.5, 100, 20)    # scale 1, core 60
+    tile = plan.tiles[0]                                        # read box -20..80
+    labels = np.zeros((100, 100), np.int32)
+    labels[40:50, 40:50] = 3
+    labels[25:35, 25:35] = 1                                    # label 2 has no pixel
+    out = tile_nuclei(tile_frame(tile, plan), np.full((100, 100, 3), 200, np.uint8), labels,
+                      np.array([0.9, 0.8, 0.7], np.float32))
+    assert [n.score for n in out] == pytest.approx([0.9, 0.7])
 
 
 def test_empty_plan_yields_nothing():
@@ -236,7 +249,7 @@ def test_horizon_is_kept():
 
 def test_predictor_errors_propagate_and_threads_stop():
     class Broken(OraclePredictor):
-        def predict(self, tiles, meta):
+        def predict(self, tiles, meta=None, regions=None):
             raise RuntimeError("boom")
 
     nuclei, image, _ = _scene(300, 300, 68)
@@ -252,14 +265,3 @@ def test_seconds_per_tile_times_the_predictor():
     oracle = OraclePredictor([], 100, 100, 0.5, 64, 8)
     assert seconds_per_tile(oracle, batch_size=2) > 0
     assert oracle.calls == 2
-
-
-def test_masks_reaching_outside_the_tile_are_clipped_to_it():
-    plan = plan_tiles((0, 0, 200, 200), 0.5, 0.5, 100, 20)     # scale 1, core 60
-    tile = plan.tiles[0]                                        # read box -20..80
-    mask = np.ones((60, 60), bool)                              # 10 px left of the tile,
-    found = TileNuclei(masks=[mask], origins=np.array([[-10, 20]]),  # centre (0, 30) owned
-                       scores=np.array([0.7], np.float32))
-    out = tile_nuclei_l0(tile, plan, np.full((100, 100, 3), 200, np.uint8), found)
-    assert len(out) == 1
-    assert out[0].bbox_l0 == pytest.approx((-20, 0, 30, 60))   # cut at the read box edge

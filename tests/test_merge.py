@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from shapely.geometry import Point, Polygon, box
 
 from usnet_wsi.geometry import mask_to_polygon, polygon_to_mask, transform_polygon
-from usnet_wsi.merge import Merger, Nucleus
+from usnet_wsi.merge import Merger
+from usnet_wsi.nuclei import Nucleus
 from usnet_wsi.tiling import TilePlan, owned, plan_tiles, tile_to_l0
 
 # 100 px read boxes, 10 px halo, 80 px cores (mpp 1 everywhere keeps frames easy to read).

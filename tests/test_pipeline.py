@@ -229,10 +229,10 @@ def test_same_name_from_another_slide_is_refused(tmp_path, slide, reporter):
 
 def test_a_failing_run_leaves_nothing_behind(tmp_path, slide, reporter):
     class Failing(OraclePredictor):
-        def predict(self, tiles, meta):
+        def predict(self, tiles, meta=None, regions=None):
             if meta[0].index > 10:
                 raise RuntimeError("device lost")
-            return super().predict(tiles, meta)
+            return super().predict(tiles, meta, regions)
 
     cfg = config(tmp_path, batch_size=2)
     with pytest.raises(RuntimeError, match="device lost"):

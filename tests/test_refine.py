@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from usnet_wsi.anchors import make_anchors
 from usnet_wsi.decode import detect_boxes
-from usnet_wsi.instances import TileNuclei, tile_instances
+from usnet_wsi.instances import InstanceBatch, _cut_off, batch_instances, paint_masks
 from usnet_wsi.model.bundle import Thresholds
 from usnet_wsi.model.refine import RefineNet, context_boxes, crop_resize, paste_mask
 from usnet_wsi.model.spec import ModelSpec, recipe_spec
@@ -153,57 +153,145 @@ def random_tiles(n: int, size: int, seed: int = 0) -> np.ndarray:
     return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def assert_valid_nuclei(tn: TileNuclei, size: int, thr: Thresholds) -> None:
-    """Masks inside the tile, tight, one piece, large enough, and pairwise disjoint."""
-    assert len(tn.masks) == len(tn.origins) == len(tn.scores)
-    count = np.zeros((size, size), np.int32)
-    for m, (x0, y0), s in zip(tn.masks, tn.origins, tn.scores):
-        h, w = m.shape
-        assert m.dtype == bool and 0 <= x0 and 0 <= y0 and x0 + w <= size and y0 + h <= size
-        assert m[0].any() and m[-1].any() and m[:, 0].any() and m[:, -1].any()
-        assert ndimage.label(m)[1] == 1 and m.sum() >= thr.min_area_px
-        assert 0.0 <= s <= 1.0
-        count[y0:y0 + h, x0:x0 + w] += m
-    assert count.max() <= 1
+def run_model(model: USNet, tiles: np.ndarray):
+    with torch.no_grad():
+        x = model.normalise(torch.from_numpy(tiles))
+        return x, model(x)
 
 
-def test_tile_instances_are_disjoint_and_come_from_detections() -> None:
-    model = tiny_model(rescue_missed=False)
-    thr = Thresholds(score=0.0, top_k=30, nms=0.3, max_edge_fraction=1.0)  # random refiner: no edge filter
-    tiles = random_tiles(2, 300)
+def sequential_reference(model: USNet, x, out, thr: Thresholds, region=None) -> list[np.ndarray]:
+    """The instance step written the slow, obvious way: per tile, per detection, one mask
+    after the other (gathered crops, F.interpolate paste, edge check, best-first painting)."""
+    size, anchors = x.shape[-1], make_anchors(model.spec)
+    inp = torch.cat([x, model.seg_probs(out.seg_logits)], 1)
+    result = []
+    for i in range(x.shape[0]):
+        b, s = detect_boxes(out.conf_logits[i], out.loc[i], anchors, thr.score, thr.nms,
+                            thr.top_k, size)
+        if region is not None:
+            c = (b[:, :2] + b[:, 2:]) / 2
+            m = 6.0
+            ok = ((c[:, 0] >= region[0] - m) & (c[:, 0] < region[2] + m)
+                  & (c[:, 1] >= region[1] - m) & (c[:, 1] < region[3] + m))
+            b, s = b[ok], s[ok]
+        labels = np.zeros((size, size), np.int32)
+        n_kept = 0
+        for box, score in zip(b, s):
+            crop = context_boxes(box[None], model.spec.refine_context, size)
+            x0, y0, x1, y1 = (int(v) for v in crop[0].tolist())
+            t = (torch.arange(48) + 0.5) / 48
+            gx = (2 * (x0 + t * (x1 - x0)) / size - 1)[None, :].expand(48, -1)
+            gy = (2 * (y0 + t * (y1 - y0)) / size - 1)[:, None].expand(-1, 48)
+            patch = torch.nn.functional.grid_sample(
+                inp[i:i + 1], torch.stack([gx, gy], -1)[None], padding_mode="border",
+                align_corners=False)
+            logit = model.refiner(patch)[0, 0]
+            mask = (torch.nn.functional.interpolate(logit[None, None], size=(y1 - y0, x1 - x0),
+                                                    mode="bilinear", align_corners=False)[0, 0]
+                    > 0).numpy()
+            if truncated_reference(mask, (x0, y0, x1, y1), size, thr.max_edge_fraction):
+                continue
+            window = labels[y0:y1, x0:x1]
+            free = mask & (window == 0)
+            area = int(mask.sum())
+            if free.sum() < max(thr.min_area_px, thr.keep_fraction * area, 1):
+                continue
+            n_kept += 1
+            window[free] = n_kept
+        result.append(labels)
+    return result
+
+
+def truncated_reference(mask, crop, size, max_fraction) -> bool:
+    x0, y0, x1, y1 = crop
+    sides = [(mask[0], y0 > 0), (mask[-1], y1 < size), (mask[:, 0], x0 > 0),
+             (mask[:, -1], x1 < size)]
+    inner = [side for side, inside in sides if inside]
+    total = sum(len(side) for side in inner)
+    return total > 0 and sum(int(side.sum()) for side in inner) > max_fraction * total
+
+
+class DiscRefiner(torch.nn.Module):
+    """A refiner whose mask is a centred disc with a radius set by the crop's content: some
+    discs stay inside their crop, some are cut off by it (for the edge rule)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+        dist = torch.hypot(yy - 23.5, xx - 23.5)
+        radius = 8 + 30 * torch.frac((x[:, 0].mean(dim=(1, 2)) * 50).abs())
+        return (radius[:, None, None] - dist)[:, None]
+
+
+@pytest.mark.parametrize("thr, discs", [
+    (Thresholds(score=0.0, top_k=30, nms=0.3, max_edge_fraction=1.0), False),
+    (Thresholds(score=0.0, top_k=60, nms=0.6, keep_fraction=0.8, min_area_px=30,
+                max_edge_fraction=0.4), True),
+])
+def test_batch_instances_equal_one_by_one_painting(thr: Thresholds, discs: bool) -> None:
+    model = tiny_model()
+    if discs:
+        model.refiner = DiscRefiner()
+    x, out = run_model(model, random_tiles(3, 128, seed=4))
+    got = batch_instances(model, x, out, make_anchors(model.spec), thr)
+    want = sequential_reference(model, x, out, thr)
+    assert got.counts.tolist() == [int(w.max()) for w in want] and got.counts.sum() >= 6
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(got.labels[i], w)
+        scores = got.scores[i, :got.counts[i]]
+        assert list(scores) == sorted(scores, reverse=True) and (0 <= scores).all()
+
+
+def test_only_detections_the_tile_can_own_are_refined() -> None:
+    model = tiny_model(seed=1)
+    thr = Thresholds(score=0.0, top_k=60, nms=0.5, max_edge_fraction=1.0)
+    x, out = run_model(model, random_tiles(2, 128, seed=5))
     anchors = make_anchors(model.spec)
-    with torch.no_grad():
-        x = model.normalise(torch.from_numpy(tiles))
-        out = model(x)
-    result = tile_instances(model, x, out, anchors, thr)
-    assert len(result) == 2 and max(len(t) for t in result) >= 2
-    for i, tn in enumerate(result):
-        assert_valid_nuclei(tn, 300, thr)
-        det_b, det_s = detect_boxes(out.conf_logits[i], out.loc[i], anchors, 0.0, 0.3, 30, 300)
-        crops = context_boxes(det_b, model.spec.refine_context, 300).numpy()
-        for m, (x0, y0), s in zip(tn.masks, tn.origins, tn.scores):
-            h, w = m.shape
-            hosts = [j for j, (a, b, c, d) in enumerate(crops)
-                     if a <= x0 and b <= y0 and x0 + w <= c and y0 + h <= d
-                     and abs(float(det_s[j]) - float(s)) < 1e-6]
-            assert hosts, "each mask lies in the crop of the detection whose score it carries"
-        assert list(tn.scores) == sorted(tn.scores, reverse=True)
+    region = (40.0, 30.0, 90.0, 100.0)
+    got = batch_instances(model, x, out, anchors, thr, torch.tensor([region, region]))
+    want = sequential_reference(model, x, out, thr, region)
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(got.labels[i], w)
+    everything = batch_instances(model, x, out, anchors, thr)
+    assert 0 < got.counts.sum() < everything.counts.sum()
+    whole = torch.tensor([(0.0, 0.0, 128.0, 128.0)] * 2)
+    np.testing.assert_array_equal(batch_instances(model, x, out, anchors, thr, whole).labels,
+                                  everything.labels)
 
 
-def test_tile_instances_with_rescued_components_stay_disjoint() -> None:
-    model = tiny_model(seed=1, input_size=128)
-    tiles = random_tiles(2, 128, seed=1)
-    with torch.no_grad():
-        x = model.normalise(torch.from_numpy(tiles))
-        out = model(x)
-    counts = {}
-    for rescue_prob in (1.0, 0.0):          # 1.0: nothing passes; 0.0: every uncovered pixel
-        thr = Thresholds(score=0.0, top_k=10, rescue_prob=rescue_prob, rescue_min_area_px=20)
-        result = tile_instances(model, x, out, make_anchors(model.spec), thr)
-        for tn in result:
-            assert_valid_nuclei(tn, 128, thr)
-        counts[rescue_prob] = [len(tn) for tn in result]
-    assert all(a > b for a, b in zip(counts[0.0], counts[1.0]))
+def test_results_do_not_depend_on_the_batch_size() -> None:
+    model = tiny_model(seed=3, input_size=128, halo_px=16)
+    pred = ModelPredictor(model, Thresholds(score=0.0, top_k=40, max_edge_fraction=1.0),
+                          torch.device("cpu"))
+    tiles = random_tiles(5, 128, seed=6)
+    whole = pred.predict(tiles)
+    for size in (1, 2, 3):
+        parts = [pred.predict(tiles[i:i + size]) for i in range(0, 5, size)]
+        np.testing.assert_array_equal(np.concatenate([p.labels for p in parts]), whole.labels)
+        for p, i in zip(parts, range(0, 5, size)):
+            n = p.scores.shape[1]
+            np.testing.assert_array_equal(p.scores, whole.scores[i:i + size, :n])
+
+
+def test_cut_off_masks_are_flagged() -> None:
+    win = torch.zeros((4, 20, 20), dtype=torch.bool)
+    win[0, 5:15, 5:15] = True                      # well inside its crop
+    win[1] = True                                  # fills the crop: a cut-off piece
+    win[2, 5:15, 0:10] = True                      # touches only its left side ...
+    win[3, 5:15, 0:10] = True
+    crops = torch.tensor([[100, 100, 120, 120], [100, 100, 120, 120],
+                          [0, 100, 20, 120],       # ... which is the tile edge: fine
+                          [10, 100, 30, 120]], dtype=torch.float32)
+    assert _cut_off(win, crops, 300, 0.3).tolist() == [False, True, False, False]
+    assert _cut_off(win, crops, 300, 0.1).tolist() == [False, True, False, True]
+    full = torch.ones((1, 300, 300), dtype=torch.bool)   # crop = the whole tile
+    assert not _cut_off(full, torch.tensor([[0.0, 0, 300, 300]]), 300, 0.3)
+
+
+def test_paint_masks_gives_pixels_to_the_best_score() -> None:
+    a, b = np.ones((4, 4), bool), np.ones((4, 4), bool)
+    tile = paint_masks([a, b], [(0, 0), (2, 2)], [0.5, 0.9], 8)
+    assert tile.scores.tolist() == pytest.approx([0.9, 0.5])
+    assert (tile.labels[2:6, 2:6] == 1).all() and (tile.labels[0:2, 0:4] == 2).all()
 
 
 # ---------------------------------------------------------------- predict_image
@@ -218,7 +306,7 @@ class DarkBlobPredictor:
         self.tile_px, self.halo_px = tile_px, halo_px
         self.calls = 0
 
-    def predict(self, tiles: np.ndarray, meta: Sequence[Any]) -> list[TileNuclei]:
+    def predict(self, tiles: np.ndarray, meta=None, regions=None) -> InstanceBatch:
         assert tiles.shape[1:] == (self.tile_px, self.tile_px, 3) and tiles.dtype == np.uint8
         self.calls += len(tiles)
         out = []
@@ -231,9 +319,8 @@ class DarkBlobPredictor:
                 masks.append(m)
                 origins.append((sl[1].start, sl[0].start))
                 scores.append(1 - grey[sl][m].mean() / 255)
-            out.append(TileNuclei(masks, np.array(origins, np.int64).reshape(-1, 2),
-                                  np.array(scores, np.float32)))
-        return out
+            out.append(paint_masks(masks, origins, scores, self.tile_px))
+        return InstanceBatch.from_tiles(out)
 
 
 def test_predict_image_finds_every_nucleus_once_across_tile_borders() -> None:
@@ -268,23 +355,7 @@ def test_predict_image_with_a_random_model_gives_a_consistent_label_map() -> Non
     assert labels.shape == (150, 200) and labels.dtype == np.uint32
     present = set(np.unique(labels).tolist()) - {0}
     assert len(present) >= 2
-    assert present == set(scores) == set(range(1, len(scores) + 1))
-    ordered = [scores[k] for k in sorted(scores)]
-    assert ordered == sorted(ordered, reverse=True)       # painted best first
-    assert all(0.0 <= s <= 1.0 for s in ordered)
-
-
-def test_masks_cut_off_by_their_crop_border_are_flagged() -> None:
-    from usnet_wsi.instances import truncated
-    inner = np.zeros((20, 20), bool)
-    inner[5:15, 5:15] = True                       # a nucleus well inside its crop
-    assert not truncated(inner, (100, 100, 120, 120), 300, 0.3)
-    full = np.ones((20, 20), bool)                 # fills the crop: a piece of a larger nucleus
-    assert truncated(full, (100, 100, 120, 120), 300, 0.3)
-    # the same full mask against the tile edge on every side is not "cut off by the crop"
-    assert not truncated(np.ones((300, 300), bool), (0, 0, 300, 300), 300, 0.3)
-    # touching only the tile edge (left) while inside elsewhere
-    edge = np.zeros((20, 20), bool)
-    edge[5:15, 0:10] = True
-    assert not truncated(edge, (0, 100, 20, 120), 300, 0.3)
-    assert truncated(edge, (10, 100, 30, 120), 300, 0.1)    # 10 of 80 border pixels
+    assert present <= set(scores) == set(range(1, len(scores) + 1))
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    again, _ = predict_image(pred, rgb, batch_size=1, workers=2)
+    np.testing.assert_array_equal(again, labels)

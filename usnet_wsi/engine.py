@@ -1,41 +1,46 @@
 """Streaming inference over a tile plan.
 
-Three stages overlap: a pool of reader threads prefetches tile regions (a bounded window
-ahead of the model), the calling thread runs the predictor on batches, and a pool of
-post-processing threads turns each tile's masks into level-0 nuclei (owned filter, polygon,
-Hematoxylin OD). Results are consumed in plan order, so the output does not depend on the
-batch size or the number of workers; the Merger then removes cross-tile duplicates and
-overlaps. Memory is bounded by the prefetch window and ~2 tile rows of nuclei in the Merger.
+Stages overlap, each where its kind of work runs best:
+
+- reader threads prefetch tile regions (OpenSlide and JPEG decoding release the GIL), a bounded
+  window ahead of the model;
+- the calling thread runs the predictor on batches: the network and the batched instance step
+  on the device, one compact result (label maps + scores) per batch back to the host;
+- `workers` processes run the CPU stage (`usnet_wsi.nuclei.tile_nuclei`: ownership, outlines,
+  stain) of earlier batches while the device works on the next one (0 runs it in the calling
+  thread);
+- results come back in plan order and the Merger removes cross-tile duplicates and overlaps.
+
+The output does not depend on the batch size or the number of workers. Memory is bounded by the
+prefetch window, the batches in flight and about two tile rows of nuclei in the Merger.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from usnet_wsi.console import Task
-from usnet_wsi.geometry import mask_to_polygon, transform_polygon
-from usnet_wsi.measure import hematoxylin_od_mean
-from usnet_wsi.merge import Merger, Nucleus
-from usnet_wsi.tiling import Tile, TilePlan, tile_to_l0
+from usnet_wsi.merge import Merger
+from usnet_wsi.nuclei import Nucleus, TileFrame, tile_nuclei
+from usnet_wsi.tiling import Tile, TilePlan, claim_box_l0, claim_box_tile
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; predict.py imports torch
-    from usnet_wsi.predict import Predictor, TileNuclei
+    from usnet_wsi.instances import InstanceBatch
+    from usnet_wsi.predict import Predictor
 
-# A detection is kept by a tile when its centre lies in the core grown by this many tile
-# pixels (inside the ROI). Neighbouring tiles resample the same nucleus on different pixel
-# grids, so the centre they see differs by a fraction of a pixel; the slack makes sure
-# that one of them always keeps it, and the Merger removes the copy kept by both.
-OWNERSHIP_SLACK_TILE_PX = 1.0
+READ_THREADS = 2
 
 
 class RegionReader(Protocol):
@@ -48,14 +53,15 @@ class EngineSettings:
     """Streaming knobs: none of them changes the output."""
 
     batch_size: int = 8
-    workers: int = 2
+    workers: int = 2             # CPU-stage worker processes; 0 = in the calling thread
     prefetch_tiles: int = 18
     iou_threshold: float = 0.3
 
 
 @dataclass
 class StageTimes:
-    """Seconds per stage (thread-safe). read/post are summed over their worker threads."""
+    """Seconds per stage (thread-safe). `read` is summed over the reader threads; `post` is
+    the time the calling thread waited for the CPU stage (all of it when workers = 0)."""
 
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -71,7 +77,7 @@ class StageTimes:
 
 @dataclass
 class TileResult:
-    """One tile after post-processing: its owned nuclei (level 0) and how many it saw."""
+    """One tile after the CPU stage: its owned nuclei (level 0) and how many it detected."""
 
     tile: Tile
     nuclei: list[Nucleus]
@@ -81,8 +87,8 @@ class TileResult:
 @dataclass
 class EngineCounts:
     tiles: int = 0
-    detected: int = 0          # all detections the model returned (before ownership)
-    owned: int = 0             # detections kept by their owning tile (before merge)
+    detected: int = 0          # detections after NMS (before ownership)
+    owned: int = 0             # nuclei kept by their owning tile (before merge)
     nuclei: int = 0            # final nuclei after merge
     merge: dict[str, int] = field(default_factory=dict)   # Merger statistics
 
@@ -126,107 +132,117 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def claimed(tile: Tile, plan: TilePlan, centres_l0: np.ndarray) -> np.ndarray:
-    """bool (N,): centres inside the tile's core grown by the ownership slack, within the ROI."""
-    xy = np.asarray(centres_l0, dtype=np.float64).reshape(-1, 2)
-    slack = OWNERSHIP_SLACK_TILE_PX * plan.l0_per_tile_px
-    x0, y0, x1, y1 = tile.core_l0
-    rx0, ry0, rx1, ry1 = plan.roi_l0
-    x0, y0 = max(x0 - slack, rx0), max(y0 - slack, ry0)
-    x1, y1 = min(x1 + slack, rx1), min(y1 + slack, ry1)
-    return (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
+def tile_frame(tile: Tile, plan: TilePlan) -> TileFrame:
+    """The CPU stage's view of a tile (see `usnet_wsi.nuclei.TileFrame`)."""
+    return TileFrame(index=tile.index, origin_l0=(float(tile.read_l0[0]), float(tile.read_l0[1])),
+                     l0_per_px=plan.l0_per_tile_px, claim_l0=claim_box_l0(tile, plan))
 
 
-def _mask_centres_tile(masks: Sequence[np.ndarray], origins: np.ndarray) -> np.ndarray:
-    """(N, 2) tile-frame centroids (pixel-edge frame: a pixel's centre is at +0.5)."""
-    out = np.full((len(masks), 2), np.nan)
-    for i, m in enumerate(masks):
-        rows, cols = np.nonzero(m)
-        if len(rows):
-            out[i] = (origins[i][0] + cols.mean() + 0.5, origins[i][1] + rows.mean() + 0.5)
-    return out
+# ----------------------------------------------------------------------------- CPU stage pool
+
+class _Inline(Executor):
+    """Runs submitted work at once in the calling thread (workers = 0)."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
+            fut.set_exception(err)
+        return fut
 
 
-def _clip_to_tile(rgb: np.ndarray, mask: np.ndarray, origin: Sequence[int]
-                  ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """(tile pixels under the mask, the mask, its origin), all clipped to the tile, so that
-    polygons never leave the tile's read box."""
-    x0, y0 = int(origin[0]), int(origin[1])
-    h, w = mask.shape
-    th, tw = rgb.shape[:2]
-    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + w, tw), min(y0 + h, th)
-    if cx1 <= cx0 or cy1 <= cy0:
-        return rgb[:0, :0], mask[:0, :0], (cx0, cy0)
-    return (rgb[cy0:cy1, cx0:cx1], mask[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0], (cx0, cy0))
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
-def tile_nuclei_l0(tile: Tile, plan: TilePlan, rgb: np.ndarray,
-                   found: "TileNuclei") -> list[Nucleus]:
-    """A tile's claimed detections as level-0 nuclei with their Hematoxylin OD mean."""
-    masks = [np.asarray(m, dtype=bool) for m in found.masks]
-    origins = np.asarray(found.origins, dtype=np.int64).reshape(-1, 2)
-    scores = np.asarray(found.scores, dtype=np.float64).reshape(-1)
-    if not (len(masks) == len(origins) == len(scores)):
-        raise ValueError(f"tile {tile.index}: {len(masks)} masks, {len(origins)} origins, "
-                         f"{len(scores)} scores")
-    if not masks:
-        return []
-    centres_l0 = tile_to_l0(_mask_centres_tile(masks, origins), tile, plan)
-    keep = claimed(tile, plan, centres_l0) & np.isfinite(centres_l0).all(axis=1)
-    to_l0 = lambda xy: tile_to_l0(xy, tile, plan)  # noqa: E731
-    out: list[Nucleus] = []
-    for i in np.flatnonzero(keep):
-        pixels, mask, origin = _clip_to_tile(rgb, masks[i], origins[i])
-        poly_tile = mask_to_polygon(mask, origin_xy=origin) if mask.any() else None
-        if poly_tile is None:
-            continue
-        od = hematoxylin_od_mean(pixels, mask)
-        out.append(Nucleus(polygon_l0=transform_polygon(poly_tile, to_l0),
-                           score=float(scores[i]), tile_index=tile.index, hematoxylin_od=od))
-    return out
+def cpu_pool(workers: int) -> Executor:
+    """The shared pool of `workers` CPU-stage processes (started once, reused across slides;
+    'spawn' so that no torch or reader-thread state is inherited)."""
+    if workers <= 0:
+        return _Inline()
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=ctx)
+        return pool
 
 
-def _post(tile: Tile, plan: TilePlan, rgb: np.ndarray, found: "TileNuclei",
-          times: StageTimes) -> TileResult:
-    t0 = time.perf_counter()
-    nuclei = tile_nuclei_l0(tile, plan, rgb, found)
-    times.add("post", time.perf_counter() - t0)
-    return TileResult(tile=tile, nuclei=nuclei, n_detected=len(found.masks))
+def _drop_pool(workers: int) -> None:
+    """Forget a pool whose process died, so the next call starts a fresh one."""
+    with _POOLS_LOCK:
+        pool = _POOLS.pop(workers, None)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _predict(predictor: "Predictor", batch: list[tuple[Tile, np.ndarray]],
-             times: StageTimes) -> list["TileNuclei"]:
-    tiles = [t for t, _ in batch]
+@atexit.register
+def _shutdown_pools() -> None:
+    with _POOLS_LOCK:
+        for pool in _POOLS.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        _POOLS.clear()
+
+
+# ----------------------------------------------------------------------------- streaming
+
+def _predict(predictor: "Predictor", batch: list[tuple[Tile, np.ndarray]], plan: TilePlan,
+             times: StageTimes) -> "InstanceBatch":
     images = np.stack([rgb for _, rgb in batch])
+    regions = np.array([claim_box_tile(t, plan) for t, _ in batch], dtype=np.float32)
     t0 = time.perf_counter()
-    found = predictor.predict(images, tiles)
+    found = predictor.predict(images, [t for t, _ in batch], regions)
     times.add("predict", time.perf_counter() - t0)
-    if len(found) != len(tiles):
-        raise RuntimeError(f"predictor returned {len(found)} results for {len(tiles)} tiles")
+    if len(found) != len(batch):
+        raise RuntimeError(f"predictor returned {len(found)} results for {len(batch)} tiles")
     return found
+
+
+def _submit_batch(pool: Executor, batch: list[tuple[Tile, np.ndarray]], found: "InstanceBatch",
+                  plan: TilePlan) -> list[tuple[Tile, int, Future]]:
+    out = []
+    for i, (tile, rgb) in enumerate(batch):
+        n = int(found.counts[i])
+        scores = found.scores[i, :n]
+        fut = pool.submit(tile_nuclei, tile_frame(tile, plan), rgb, found.labels[i], scores)
+        out.append((tile, int(found.detected[i]), fut))
+    return out
+
+
+def _result(item: tuple[Tile, int, Future], times: StageTimes) -> TileResult:
+    tile, detected, fut = item
+    t0 = time.perf_counter()
+    nuclei = fut.result()
+    times.add("post", time.perf_counter() - t0)
+    return TileResult(tile=tile, nuclei=nuclei, n_detected=detected)
 
 
 def tile_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
                  settings: EngineSettings, times: StageTimes) -> Iterator[TileResult]:
-    """Per-tile results in plan order; reading, model and post-processing overlap."""
+    """Per-tile results in plan order; reading, model and CPU stage overlap."""
     if (predictor.tile_px, predictor.halo_px) != (plan.tile_px, plan.halo_px):
         raise ValueError(f"plan tiles {plan.tile_px}/{plan.halo_px} px do not match the "
                          f"predictor's {predictor.tile_px}/{predictor.halo_px} px")
-    post = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="usnet-post")
-    pending: deque[Future] = deque()
-    max_pending = 2 * settings.batch_size
+    pool = cpu_pool(settings.workers) if plan.tiles else _Inline()
+    pending: deque[tuple[Tile, int, Future]] = deque()
+    max_pending = 2 * settings.batch_size + max(settings.workers, 1)
     try:
-        with closing(read_tiles(slide, plan, settings.workers, settings.prefetch_tiles,
+        with closing(read_tiles(slide, plan, READ_THREADS, settings.prefetch_tiles,
                                 times)) as tiles:
             for batch in batched(tiles, settings.batch_size):
-                for (tile, rgb), found in zip(batch, _predict(predictor, batch, times)):
-                    pending.append(post.submit(_post, tile, plan, rgb, found, times))
-                while len(pending) > max_pending:
-                    yield pending.popleft().result()
+                pending.extend(_submit_batch(pool, batch, _predict(predictor, batch, plan, times),
+                                             plan))
+                while len(pending) > max_pending or (pending and pending[0][2].done()):
+                    yield _result(pending.popleft(), times)
         while pending:
-            yield pending.popleft().result()
-    finally:
-        post.shutdown(wait=True, cancel_futures=True)
+            yield _result(pending.popleft(), times)
+    except BaseException as err:
+        for _, _, fut in pending:
+            fut.cancel()
+        if type(err).__name__ == "BrokenProcessPool":
+            _drop_pool(settings.workers)
+        raise
 
 
 @dataclass
@@ -282,9 +298,9 @@ def segment_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
 
 def seconds_per_tile(predictor: "Predictor", batch_size: int, repeats: int = 1,
                      tiles: np.ndarray | None = None) -> float:
-    """Measured predictor time per tile (detection, refinement and instance painting included):
-    one warm-up batch, then `repeats`. `tiles` are real tissue tiles when given (realistic
-    nucleus counts); otherwise blank tiles, which measure the network alone."""
+    """Measured predictor time per tile (network and instance step): one warm-up batch, then
+    `repeats`. `tiles` are real tissue tiles when given (realistic nucleus counts); otherwise
+    blank tiles, which measure the network alone."""
     size = predictor.tile_px
     if tiles is None:
         tiles = np.full((batch_size, size, size, 3), 240, np.uint8)

@@ -1,143 +1,241 @@
-"""US-Net raw outputs of a batch of tiles -> non-overlapping nucleus masks per tile.
+"""The instance step: US-Net raw outputs of a batch of tiles -> one instance label map per tile.
 
-Per tile: detection boxes (threshold, top-k, decode, NMS) -> refinement of each box (crop of the
-scaled box resampled to 48x48 -> mask) -> in the default recipe, segmentation components that no
-refined mask covers are refined too (rescued) -> masks painted in score order so that no two
-overlap; a mask that loses most of its area to better-scored ones is dropped.
+This is the only place where network outputs become nuclei; `segment`, training validation and
+threshold tuning all go through it. One fixed flow of batched tensors, on the model's device:
+
+1. `detect`: score threshold, top-k, decoding and greedy NMS for the whole batch;
+2. only detections whose box centre can be owned by the tile (its core plus a margin, given as
+   `regions`) go on: the others belong to a neighbouring tile, which refines them itself;
+3. RoIAlign of every surviving box (scaled up for context) to 48x48, sampling each tile once;
+4. one call of the 48x48 refiner for the whole batch;
+5. all masks pasted back at once (bilinear, as `F.interpolate` to the crop size), masks cut off
+   by their crop border dropped;
+6. score-ordered painting of all tiles at once: every pixel goes to the best-scored mask that
+   covers it; a mask keeping less than `keep_fraction` of its area, or fewer than `min_area_px`
+   pixels, is dropped and leaves its pixels to the others (exactly as painting one mask after
+   the other, best first, would);
+7. one device-to-host copy: an int32 label map per tile plus a score table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from usnet_wsi.decode import detect_boxes
+from usnet_wsi.decode import Detections, detect
 from usnet_wsi.model.bundle import Thresholds
-from usnet_wsi.model.refine import context_boxes, crop_resize, paste_mask
+from usnet_wsi.model.refine import context_boxes, crop_resize, paste_masks
 from usnet_wsi.model.usnet import USNet, USNetOutput
+
+# Detections whose box centre lies this many tile pixels outside the tile's `region` are not
+# refined (the refined mask's centroid, which decides ownership, sits near the box centre).
+REGION_MARGIN_PX = 6.0
+_PASTE_CHUNK = 128        # masks pasted per chunk (sorted by size: similar window sides)
+SCORE_DECIMALS = 5        # scores are rounded so that they do not depend on the batch size
 
 
 @dataclass
-class TileNuclei:
+class TileInstances:
     """One tile's nuclei in the tile (model-pixel) frame."""
 
-    masks: list[np.ndarray]     # bool (h, w) per nucleus
-    origins: np.ndarray         # (N, 2) int: (x0, y0) of each mask's top-left in tile px
-    scores: np.ndarray          # (N,) float32
+    labels: np.ndarray        # (H, W) int32: 0 background, k = k-th nucleus (best score first)
+    scores: np.ndarray        # (n,) float32: scores[k - 1] is the score of label k
+    detected: int = 0         # detections after NMS, before ownership filtering
 
     def __len__(self) -> int:
-        return len(self.masks)
+        return len(self.scores)
 
 
-def refine_boxes(model: USNet, refine_input: torch.Tensor, boxes: list[torch.Tensor]
-                 ) -> list[list[tuple[tuple[int, int, int, int], torch.Tensor]]]:
-    """Run the refiner on every box of every image; returns per image [(crop, bool mask)]."""
-    spec = model.spec
-    size = refine_input.shape[-1]
-    crops = [context_boxes(b, spec.refine_context, size) for b in boxes]
-    bidx = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(crops)])
-    allc = torch.cat(crops) if crops else torch.zeros((0, 4))
-    logits = model.refiner(crop_resize(refine_input, bidx.to(refine_input.device),
-                                       allc.to(refine_input.device), spec.refine_size))[:, 0]
-    out: list[list] = [[] for _ in boxes]
-    for j in range(allc.shape[0]):
-        crop = tuple(int(v) for v in allc[j].tolist())
-        out[int(bidx[j])].append((crop, paste_mask(logits[j].float(), crop).cpu()))
-    return out
+@dataclass
+class InstanceBatch:
+    """Compact result of a batch, on the host: label maps plus a score table."""
+
+    labels: np.ndarray        # (B, H, W) int32
+    scores: np.ndarray        # (B, K) float32, NaN beyond each tile's count
+    counts: np.ndarray        # (B,) int64
+    detected: np.ndarray      # (B,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def tile(self, i: int) -> TileInstances:
+        n = int(self.counts[i])
+        return TileInstances(self.labels[i], self.scores[i, :n].copy(), int(self.detected[i]))
+
+    @classmethod
+    def from_tiles(cls, tiles: Sequence[TileInstances]) -> "InstanceBatch":
+        k = max([len(t) for t in tiles] + [1])
+        scores = np.full((len(tiles), k), np.nan, np.float32)
+        for i, t in enumerate(tiles):
+            scores[i, :len(t)] = t.scores
+        return cls(np.stack([t.labels for t in tiles]), scores,
+                   np.array([len(t) for t in tiles], np.int64),
+                   np.array([t.detected for t in tiles], np.int64))
 
 
-def _rescue_boxes(interior: np.ndarray, covered: np.ndarray, thr: Thresholds) -> torch.Tensor:
-    """Boxes of segmentation components (interior prob > threshold) no mask covers."""
-    lab, n = ndimage.label(interior & ~covered)
-    boxes = []
-    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
-        if sl is None:
-            continue
-        if (lab[sl] == i).sum() >= thr.rescue_min_area_px:
-            boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
-    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+def paint_masks(masks: Sequence[np.ndarray], origins: Sequence[tuple[int, int]],
+                scores: Sequence[float], size: int) -> TileInstances:
+    """Host-side painting of given masks (best score first, first come keeps a pixel) into a
+    tile label map; for predictors that produce masks themselves (e.g. test oracles)."""
+    labels = np.zeros((size, size), np.int32)
+    order = sorted(range(len(masks)), key=lambda i: -float(scores[i]))
+    kept = []
+    for i in order:
+        m, (x0, y0) = np.asarray(masks[i], bool), origins[i]
+        window = labels[y0:y0 + m.shape[0], x0:x0 + m.shape[1]]
+        free = m[:window.shape[0], :window.shape[1]] & (window == 0)
+        if free.any():
+            kept.append(float(scores[i]))
+            window[free] = len(kept)
+    return TileInstances(labels, np.array(kept, np.float32), len(masks))
 
 
-def truncated(mask: np.ndarray, crop: tuple[int, int, int, int], size: int,
-              max_fraction: float) -> bool:
-    """True when the mask runs along its crop border (away from the tile edge) for more than
-    `max_fraction` of that border: the box was too small and the mask is a cut-off piece of a
-    larger nucleus (it would otherwise come out as a box-shaped fragment)."""
-    x0, y0, x1, y1 = crop
-    sides = [(mask[0], y0 > 0), (mask[-1], y1 < size), (mask[:, 0], x0 > 0),
-             (mask[:, -1], x1 < size)]
-    inner = [s for s, inside in sides if inside]
-    if not inner:
-        return False
-    on = sum(int(s.sum()) for s in inner)
-    return on > max_fraction * sum(len(s) for s in inner)
-
-
-def _paint(items: list[tuple[float, tuple[int, int, int, int], np.ndarray]], size: int,
-           thr: Thresholds) -> TileNuclei:
-    """Paint masks in score order onto one canvas; keep each one's largest remaining part."""
-    canvas = np.zeros((size, size), dtype=bool)
-    masks, origins, scores = [], [], []
-    for score, (x0, y0, x1, y1), m in sorted(items, key=lambda t: -t[0]):
-        free = m & ~canvas[y0:y1, x0:x1]
-        lab, n = ndimage.label(free)
-        if n == 0:
-            continue
-        if n > 1:
-            free = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
-        area = int(free.sum())
-        if area < thr.min_area_px or area < thr.keep_fraction * max(int(m.sum()), 1):
-            continue
-        canvas[y0:y1, x0:x1] |= free
-        ys, xs = np.nonzero(free)
-        sl = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
-        masks.append(free[sl])
-        origins.append((x0 + xs.min(), y0 + ys.min()))
-        scores.append(score)
-    return TileNuclei(masks, np.array(origins, dtype=np.int64).reshape(-1, 2),
-                      np.array(scores, dtype=np.float32))
-
-
-def _refine_input(model: USNet, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, probs], dim=1) if model.spec.refine_inputs == "rgb+seg" else x
-
+# ----------------------------------------------------------------------------- the flow
 
 @torch.no_grad()
-def tile_instances(model: USNet, x: torch.Tensor, out: USNetOutput, anchors: torch.Tensor,
-                   thr: Thresholds) -> list[TileNuclei]:
-    """Normalised input batch x and its raw outputs -> one TileNuclei per tile."""
-    size = x.shape[-1]
-    probs = model.seg_probs(out.seg_logits.float())
-    inp = _refine_input(model, x.float(), probs)
-    dets = [detect_boxes(out.conf_logits[i], out.loc[i], anchors, thr.score, thr.nms, thr.top_k,
-                         size) for i in range(x.shape[0])]
-    refined = refine_boxes(model, inp, [d[0].to("cpu") for d in dets])
-    items = [[(float(s), c, m.numpy()) for s, (c, m) in zip(d[1].tolist(), r)
-              if not truncated(m.numpy(), c, size, thr.max_edge_fraction)]
-             for d, r in zip(dets, refined)]
-    if model.spec.rescue_missed:
-        _add_rescued(model, inp, probs, items, thr)
-    return [_paint(it, size, thr) for it in items]
+def batch_instances(model: USNet, x: torch.Tensor, out: USNetOutput, anchors: torch.Tensor,
+                    thr: Thresholds, regions: torch.Tensor | None = None) -> InstanceBatch:
+    """Normalised input batch x (B, 3, S, S) and its raw outputs -> label maps and scores.
+
+    `regions`: (B, 4) xyxy tile-pixel boxes where a nucleus centre must lie for the tile to
+    keep it (None: the whole tile)."""
+    b, size = x.shape[0], x.shape[-1]
+    dets = detect(out.conf_logits, out.loc, anchors, thr.score, thr.nms, thr.top_k, size)
+    detected = torch.bincount(dets.image, minlength=b)
+    if regions is not None:
+        dets = dets.select(_centre_in(dets, regions.to(x.device), REGION_MARGIN_PX))
+    crops = context_boxes(dets.boxes, model.spec.refine_context, size)
+    logits = _refine(model, x, out, dets.image, crops)
+    masks = _paste(logits, crops, dets.image, size, thr.max_edge_fraction)
+    kept = paint(masks, len(dets), thr)
+    return _to_host(masks, kept, dets, b, size, detected)
 
 
-def _add_rescued(model: USNet, inp: torch.Tensor, probs: torch.Tensor, items: list[list],
-                 thr: Thresholds) -> None:
-    """Refine boxes of segmentation components the detections missed; score = mean prob."""
-    size = inp.shape[-1]
-    interior = (probs[:, 1] if probs.shape[1] > 1 else probs[:, 0]).cpu().numpy()
-    fg = model.foreground(probs).cpu().numpy()
-    boxes = []
-    for i, its in enumerate(items):
-        covered = np.zeros((size, size), dtype=bool)
-        for _, (x0, y0, x1, y1), m in its:
-            covered[y0:y1, x0:x1] |= m
-        boxes.append(_rescue_boxes(interior[i] > thr.rescue_prob, covered, thr))
-    for i, res in enumerate(refine_boxes(model, inp, boxes)):
-        for crop, m in res:
-            m = m.numpy()
-            x0, y0, x1, y1 = crop
-            score = float(fg[i, y0:y1, x0:x1][m].mean()) if m.any() else 0.0
-            items[i].append((score * 0.5, crop, m))
+def _centre_in(dets: Detections, regions: torch.Tensor, margin: float) -> torch.Tensor:
+    c = (dets.boxes[:, :2] + dets.boxes[:, 2:]) / 2
+    r = regions[dets.image].to(c.dtype)
+    return ((c >= r[:, :2] - margin) & (c < r[:, 2:] + margin)).all(dim=1)
+
+
+def _refine(model: USNet, x: torch.Tensor, out: USNetOutput, image: torch.Tensor,
+            crops: torch.Tensor) -> torch.Tensor:
+    """48x48 logits (N, 48, 48) of the refiner for every crop, in one call."""
+    inp = x.float()
+    if model.spec.refine_inputs == "rgb+seg":
+        inp = torch.cat([inp, model.seg_probs(out.seg_logits.float())], dim=1)
+    patches = crop_resize(inp, image, crops, model.spec.refine_size)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        patches = patches.contiguous(memory_format=torch.channels_last)
+    return model.refiner(patches)[:, 0].float()
+
+
+@dataclass
+class _Masks:
+    """Pasted masks as pixel lists: mask index and flat (image, y, x) index of every pixel."""
+
+    owner: torch.Tensor       # (P,) int64 mask index of each pixel
+    flat: torch.Tensor        # (P,) int64 image * S * S + y * S + x
+    area: torch.Tensor        # (N,) int64 pixels per mask
+    usable: torch.Tensor      # (N,) bool: not cut off by its crop border
+
+
+def _paste(logits: torch.Tensor, crops: torch.Tensor, image: torch.Tensor, size: int,
+           max_edge_fraction: float) -> _Masks:
+    """Paste every mask onto its crop (in chunks of similar size) as pixel lists."""
+    n, dev = logits.shape[0], logits.device
+    crops = crops.to(dev)
+    side = (crops[:, 2:] - crops[:, :2]).max(dim=1).values
+    order = torch.argsort(side, stable=True)
+    owners, flats = [], []
+    usable = torch.ones(n, dtype=torch.bool, device=dev)
+    for chunk in (order.split(_PASTE_CHUNK) if n else ()):
+        c = crops[chunk]
+        win = paste_masks(logits[chunk], c, int(side[chunk].max()))
+        usable[chunk] = ~_cut_off(win, c, size, max_edge_fraction)
+        k, r, col = torch.nonzero(win, as_tuple=True)
+        idx = chunk[k]
+        owners.append(idx)
+        flats.append((image[idx] * size + c[k, 1].long() + r) * size + c[k, 0].long() + col)
+    owner = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long, device=dev)
+    flat = torch.cat(flats) if flats else torch.zeros(0, dtype=torch.long, device=dev)
+    return _Masks(owner, flat, torch.bincount(owner, minlength=n), usable)
+
+
+def _cut_off(win: torch.Tensor, crops: torch.Tensor, size: int, max_fraction: float
+             ) -> torch.Tensor:
+    """bool (N,): the mask covers more than `max_fraction` of its crop border sides that lie
+    inside the tile: the box was too small and the mask is a cut-off piece of a nucleus."""
+    x0, y0, x1, y1 = crops.long().unbind(dim=1)
+    w, h = x1 - x0, y1 - y0
+    n = torch.arange(win.shape[0], device=win.device)
+    on = torch.stack([win[:, 0, :].sum(1), win[n, h - 1, :].sum(1),
+                      win[:, :, 0].sum(1), win[n, :, w - 1].sum(1)], dim=1)
+    inner = torch.stack([y0 > 0, y1 < size, x0 > 0, x1 < size], dim=1)
+    length = torch.stack([w, w, h, h], dim=1)
+    total = (inner * length).sum(1)
+    return (total > 0) & ((on * inner).sum(1) > max_fraction * total)
+
+
+def paint(masks: _Masks, n: int, thr: Thresholds) -> torch.Tensor:
+    """bool (N,) masks kept by score-ordered painting (masks are indexed best first).
+
+    Equal to painting one mask after the other: a mask is kept when the pixels no better kept
+    mask took are at least `min_area_px` and `keep_fraction` of its area. Decided in rounds:
+    a mask passing against all undecided better masks passes for sure; one failing against the
+    kept ones alone fails for sure; the best undecided mask is always decided."""
+    dev = masks.area.device
+    state = torch.where(masks.usable, 0, -1).to(dev)            # 0 undecided, 1 kept, -1 dropped
+    need = torch.maximum(torch.full_like(masks.area, thr.min_area_px),
+                         torch.ceil(thr.keep_fraction * masks.area).long())
+    need = torch.maximum(need, torch.ones_like(need))
+    for _ in range(n + 1):
+        undecided = state == 0
+        if not bool(undecided.any()):
+            break
+        low = _free_pixels(masks, state >= 0, n)                 # worst case
+        high = _free_pixels(masks, state == 1, n, also=undecided)  # best case
+        state = torch.where(undecided & (low >= need), 1, state)
+        state = torch.where(undecided & (high < need), -1, state)
+    return state == 1
+
+
+def _free_pixels(masks: _Masks, takers: torch.Tensor, n: int,
+                 also: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) pixels of each mask that no better-ranked mask in `takers` covers (for masks in
+    `takers` or `also`)."""
+    best = _best_owner(masks, takers, n)
+    mine = takers if also is None else takers | also
+    sel = mine[masks.owner] & (best[masks.flat] >= masks.owner)
+    return torch.bincount(masks.owner[sel], minlength=n)
+
+
+def _best_owner(masks: _Masks, takers: torch.Tensor, n: int) -> torch.Tensor:
+    """Per flat pixel, the best (lowest) index of a mask in `takers` covering it; n if none."""
+    best = torch.full((int(masks.flat.max()) + 1 if len(masks.flat) else 1,), n,
+                      dtype=torch.long, device=masks.flat.device)
+    sel = takers[masks.owner]
+    return best.scatter_reduce(0, masks.flat[sel], masks.owner[sel], "amin")
+
+
+def _to_host(masks: _Masks, kept: torch.Tensor, dets: Detections, b: int, size: int,
+             detected: torch.Tensor) -> InstanceBatch:
+    """Label maps (local labels 1..n per tile, best score first) and scores, copied once."""
+    dev, n = kept.device, len(dets)
+    per_tile = torch.bincount(dets.image[kept], minlength=b)
+    start = torch.cumsum(per_tile, 0) - per_tile
+    local = torch.zeros(n + 1, dtype=torch.int32, device=dev)
+    kept_idx = torch.nonzero(kept).flatten()
+    local[kept_idx] = (torch.arange(len(kept_idx), device=dev) - start[dets.image[kept_idx]]
+                       + 1).int()
+    best = _best_owner(masks, kept, n)
+    labels = torch.zeros(b * size * size, dtype=torch.int32, device=dev)
+    labels[:len(best)] = local[best]
+    k = max(int(per_tile.max()) if b else 0, 1)
+    scores = torch.full((b, k), float("nan"), device=dev)
+    scores[dets.image[kept_idx], local[kept_idx].long() - 1] = dets.scores[kept_idx].float()
+    host = [t.cpu().numpy() for t in (labels, scores, per_tile, detected)]
+    return InstanceBatch(host[0].reshape(b, size, size), np.round(host[1], SCORE_DECIMALS),
+                         host[2].astype(np.int64), host[3].astype(np.int64))

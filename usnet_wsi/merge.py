@@ -31,33 +31,13 @@ import shapely
 from shapely.geometry import Polygon
 
 from usnet_wsi.geometry import largest_polygon
+from usnet_wsi.nuclei import Nucleus
 from usnet_wsi.tiling import Tile, TilePlan
 
-__all__ = ["MergeStats", "Merger", "Nucleus"]
+__all__ = ["MergeStats", "Merger"]
 
 _OVERLAP_EPS_L0 = 1e-6   # l0 px^2: intersections smaller than this are float noise, not overlap
 _BOX_TOL_L0 = 1e-3       # l0 px: slack when checking that a nucleus lies in its tile's read box
-
-
-@dataclass
-class Nucleus:
-    """One nucleus in level-0 pixel coordinates, as owned by tile `tile_index`."""
-
-    polygon_l0: Polygon
-    score: float
-    tile_index: int
-    hematoxylin_od: float = math.nan
-
-    @property
-    def centroid_l0(self) -> tuple[float, float]:
-        """(x, y) area centroid, level-0 pixels."""
-        c = self.polygon_l0.centroid
-        return (float(c.x), float(c.y))
-
-    @property
-    def bbox_l0(self) -> tuple[float, float, float, float]:
-        """(x0, y0, x1, y1) bounds, level-0 pixels."""
-        return tuple(float(v) for v in self.polygon_l0.bounds)  # type: ignore[return-value]
 
 
 @dataclass(eq=False)

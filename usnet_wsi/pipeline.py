@@ -28,7 +28,7 @@ from usnet_wsi.console import Reporter
 from usnet_wsi.engine import EngineCounts, EngineSettings, StageTimes, merged_nuclei
 from usnet_wsi.errors import OutputError
 from usnet_wsi.measure import nucleus_measurements
-from usnet_wsi.merge import Nucleus
+from usnet_wsi.nuclei import Nucleus
 from usnet_wsi.slide import Slide, open_slide
 from usnet_wsi.tiling import TilePlan, plan_tiles, roi_from_xywh
 from usnet_wsi.tissue import tissue_mask

@@ -1,8 +1,9 @@
-"""The model side of inference: a Predictor turns a batch of RGB tiles into nuclei masks.
+"""The model side of inference: a Predictor turns a batch of RGB tiles into nuclei label maps.
 
 The engine talks only to the `Predictor` protocol; `BundlePredictor` runs US-Net from a weights
-bundle (CUDA with AMP when available, CPU otherwise). `predict_image` segments an in-memory image
-(used for validation during training); slides go through `usnet_wsi.engine`.
+bundle (CUDA with AMP when available, CPU otherwise) followed by the batched instance step
+(`usnet_wsi.instances`). `predict_image` segments an in-memory image through the same engine,
+instance step, ownership and merge as slides (training validation and threshold tuning use it).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import torch
 
 from usnet_wsi.anchors import make_anchors
 from usnet_wsi.errors import UsageError
-from usnet_wsi.instances import TileNuclei, tile_instances
+from usnet_wsi.instances import InstanceBatch, batch_instances
 from usnet_wsi.model.bundle import Bundle, Thresholds, load_bundle
 from usnet_wsi.model.usnet import USNet
 
-__all__ = ["TileNuclei", "Predictor", "BundlePredictor", "load_predictor", "resolve_device",
-           "predict_image"]
+__all__ = ["InstanceBatch", "Predictor", "BundlePredictor", "ModelPredictor", "load_predictor",
+           "resolve_device", "predict_image", "ImageReader"]
 
 
 class Predictor(Protocol):
@@ -31,7 +32,13 @@ class Predictor(Protocol):
     halo_px: int
     mpp: float
 
-    def predict(self, tiles: np.ndarray, meta: Sequence[Any]) -> list[TileNuclei]: ...
+    def predict(self, tiles: np.ndarray, meta: Sequence[Any] | None = None,
+                regions: np.ndarray | None = None) -> InstanceBatch:
+        """(B, S, S, 3) uint8 tiles -> label maps and scores. `meta`: the engine's Tile of each
+        (where it lies; None outside the engine). `regions` (B, 4) xyxy tile pixels: where the
+        centre of a nucleus the engine will keep can lie (None: anywhere); a predictor may skip
+        work on nuclei outside it."""
+        ...
 
 
 def resolve_device(device: str) -> torch.device:
@@ -53,28 +60,48 @@ def resolve_device(device: str) -> torch.device:
 
 
 class ModelPredictor:
-    """Runs an in-memory US-Net model (training validation and bundles alike)."""
+    """Runs an in-memory US-Net model (training validation and bundles alike).
+
+    The model runs in channels-last layout, whose CPU kernels are both faster and independent
+    of the batch size for batches of two or more: a batch of one tile is run as two copies, so
+    results never depend on `--batch-size`."""
 
     def __init__(self, model: USNet, thresholds: Thresholds, device: torch.device,
                  name: str = "in-memory", sha256: str = "") -> None:
         self.model = model.to(device).eval()
+        self.model.to(memory_format=torch.channels_last)
         self.thresholds = thresholds
         self.torch_device = device
         self.device = str(device)
+        self.amp = device.type == "cuda"
         self.name, self.sha256 = name, sha256
         spec = model.spec
         self.tile_px, self.halo_px, self.mpp = spec.input_size, spec.halo_px, spec.mpp
         self.anchors = make_anchors(spec).to(device)
 
     @torch.inference_mode()
-    def predict(self, tiles: np.ndarray, meta: Sequence[Any] = ()) -> list[TileNuclei]:
-        if len(tiles) == 0:
-            return []
+    def predict(self, tiles: np.ndarray, meta: Sequence[Any] | None = None,
+                regions: np.ndarray | None = None) -> InstanceBatch:
+        n = len(tiles)
+        if n == 0:
+            size = self.tile_px
+            return InstanceBatch(np.zeros((0, size, size), np.int32), np.zeros((0, 1), np.float32),
+                                 np.zeros(0, np.int64), np.zeros(0, np.int64))
+        if n == 1:
+            tiles = np.concatenate([tiles, tiles])
+            regions = None if regions is None else np.concatenate([regions, regions])
         x = self.model.normalise(torch.from_numpy(np.ascontiguousarray(tiles)).to(self.torch_device))
-        amp = self.torch_device.type == "cuda"
-        with torch.autocast(self.torch_device.type, enabled=amp):
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.torch_device.type, enabled=self.amp):
             out = self.model(x)
-        return tile_instances(self.model, x, out, self.anchors, self.thresholds)
+        reg = None if regions is None else torch.as_tensor(regions, device=self.torch_device)
+        found = batch_instances(self.model, x, out, self.anchors, self.thresholds, reg)
+        return found if n > 1 else _first(found)
+
+
+def _first(batch: InstanceBatch) -> InstanceBatch:
+    return InstanceBatch(batch.labels[:1], batch.scores[:1], batch.counts[:1],
+                         batch.detected[:1])
 
 
 class BundlePredictor(ModelPredictor):
@@ -92,47 +119,42 @@ def load_predictor(weights: str | Path | None = None, device: str = "auto") -> B
     return BundlePredictor(load_bundle(weights), dev)
 
 
-def predict_image(predictor: Predictor, rgb: np.ndarray, batch_size: int = 8) -> tuple[
-        np.ndarray, dict[int, float]]:
-    """Segment an in-memory RGB image at the model's resolution.
+class ImageReader:
+    """An in-memory RGB image as a slide at the model's resolution (white outside it)."""
 
-    Uses the same tile plan and ownership rule as slides (usnet_wsi.tiling: cores partition
-    the image, a nucleus belongs to the tile whose core holds its centroid; outside the image is
-    white) and paints in score order without overlaps. Returns (uint32 labels, {label: score})."""
-    from usnet_wsi.tiling import owned, plan_tiles
+    def __init__(self, rgb: np.ndarray) -> None:
+        self.rgb = np.ascontiguousarray(rgb[..., :3])
+
+    def read_region(self, box_l0: tuple[int, int, int, int],
+                    out_size: tuple[int, int]) -> np.ndarray:
+        x0, y0, x1, y1 = box_l0
+        if (x1 - x0, y1 - y0) != tuple(out_size):
+            raise ValueError(f"ImageReader reads at scale 1, got {box_l0} -> {out_size}")
+        h, w = self.rgb.shape[:2]
+        out = np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
+        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        if sx1 > sx0 and sy1 > sy0:
+            out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = self.rgb[sy0:sy1, sx0:sx1]
+        return out
+
+
+def predict_image(predictor: Predictor, rgb: np.ndarray, batch_size: int = 8,
+                  workers: int = 0) -> tuple[np.ndarray, dict[int, float]]:
+    """Segment an in-memory RGB image at the model's resolution, exactly as `segment` does a
+    slide (same tile plan, instance step, ownership and merge; the outlines are rasterised
+    the way the OME-Zarr label image is). Returns (uint32 labels, {label: score})."""
+    from usnet_wsi.engine import EngineSettings, segment_nuclei
+    from usnet_wsi.tiling import plan_tiles
+    from usnet_wsi.writers.zarr import rasterize_into
     h, w = rgb.shape[:2]
     plan = plan_tiles((0, 0, w, h), predictor.mpp, predictor.mpp, predictor.tile_px,
                       predictor.halo_px)
-    pad = plan.halo_l0 + plan.read_size_l0
-    padded = np.full((h + 2 * pad, w + 2 * pad, 3), 255, np.uint8)
-    padded[pad:pad + h, pad:pad + w] = rgb
-    found: list[tuple[float, int, int, np.ndarray]] = []
-    for i in range(0, len(plan.tiles), batch_size):
-        batch = plan.tiles[i:i + batch_size]
-        tiles = np.stack([padded[t.read_l0[1] + pad:t.read_l0[3] + pad,
-                                 t.read_l0[0] + pad:t.read_l0[2] + pad] for t in batch])
-        for tile, nuc in zip(batch, predictor.predict(tiles, batch)):
-            x0, y0 = tile.read_l0[:2]
-            for m, (mx, my), s in zip(nuc.masks, nuc.origins, nuc.scores):
-                ys, xs = np.nonzero(m)
-                centre = np.array([[xs.mean() + mx + x0, ys.mean() + my + y0]])
-                if owned(tile, centre)[0]:
-                    found.append((float(s), int(mx + x0), int(my + y0), m))
-    return _paint_labels(found, h, w)
-
-
-def _paint_labels(found: list, h: int, w: int) -> tuple[np.ndarray, dict[int, float]]:
+    settings = EngineSettings(batch_size=batch_size, workers=workers,
+                              prefetch_tiles=2 * batch_size)
     labels = np.zeros((h, w), np.uint32)
     scores: dict[int, float] = {}
-    for s, x0, y0, m in sorted(found, key=lambda f: -f[0]):
-        ys, xs = np.nonzero(m)
-        ys, xs = ys + y0, xs + x0
-        ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
-        ys, xs = ys[ok], xs[ok]
-        free = labels[ys, xs] == 0
-        if free.sum() < 0.5 * max(len(ys), 1) or free.sum() == 0:
-            continue
-        lab = len(scores) + 1
-        labels[ys[free], xs[free]] = lab
-        scores[lab] = s
+    for nucleus in segment_nuclei(ImageReader(rgb), plan, predictor, settings):
+        label = len(scores) + 1
+        rasterize_into(labels, nucleus.polygon_l0, label)
+        scores[label] = nucleus.score
     return labels, scores

@@ -24,6 +24,12 @@ from usnet_wsi.errors import UsageError
 
 Box = tuple[int, int, int, int]
 
+# A tile keeps a nucleus whose centre lies in its core grown by this many tile pixels (inside
+# the ROI). Neighbouring tiles resample the same nucleus on different pixel grids, so the centre
+# they see differs by a fraction of a pixel; the slack makes sure that one of them always keeps
+# it, and the Merger removes the copy kept by both.
+OWNERSHIP_SLACK_TILE_PX = 1.0
+
 
 @dataclass(frozen=True)
 class Tile:
@@ -173,4 +179,28 @@ def owned(tile: Tile, xy_l0: np.ndarray) -> np.ndarray:
     """bool (N,): is each level-0 centre inside the tile's half-open core?"""
     xy = np.asarray(xy_l0, dtype=np.float64).reshape(-1, 2)
     x0, y0, x1, y1 = tile.core_l0
+    return (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
+
+
+def claim_box_l0(tile: Tile, plan: TilePlan) -> tuple[float, float, float, float]:
+    """Half-open level-0 box of the nucleus centres `tile` keeps: its core grown by the
+    ownership slack, clipped to the ROI."""
+    slack = OWNERSHIP_SLACK_TILE_PX * plan.l0_per_tile_px
+    x0, y0, x1, y1 = tile.core_l0
+    rx0, ry0, rx1, ry1 = plan.roi_l0
+    return (max(x0 - slack, rx0), max(y0 - slack, ry0), min(x1 + slack, rx1),
+            min(y1 + slack, ry1))
+
+
+def claim_box_tile(tile: Tile, plan: TilePlan) -> tuple[float, float, float, float]:
+    """`claim_box_l0` in the tile frame (model pixels)."""
+    b = claim_box_l0(tile, plan)
+    (x0, y0), (x1, y1) = l0_to_tile(np.array([b[:2], b[2:]]), tile, plan)
+    return (float(x0), float(y0), float(x1), float(y1))
+
+
+def claimed(tile: Tile, plan: TilePlan, centres_l0: np.ndarray) -> np.ndarray:
+    """bool (N,): centres inside the tile's claim box (`claim_box_l0`)."""
+    xy = np.asarray(centres_l0, dtype=np.float64).reshape(-1, 2)
+    x0, y0, x1, y1 = claim_box_l0(tile, plan)
     return (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)

@@ -48,23 +48,65 @@ def context_boxes(boxes: torch.Tensor, context: float, size: int) -> torch.Tenso
 def crop_resize(images: torch.Tensor, batch_index: torch.Tensor, crops: torch.Tensor,
                 out: int) -> torch.Tensor:
     """Resample the pixel boxes `crops` (xyxy, pixel-edge coords) of images[batch_index] to
-    (N, C, out, out) with bilinear sampling at pixel centres (a differentiable RoIAlign)."""
-    if crops.shape[0] == 0:
-        return images.new_zeros((0, images.shape[1], out, out))
-    _, _, h, w = images.shape
+    (N, C, out, out) with bilinear sampling at pixel centres (a differentiable RoIAlign).
+
+    Each image is sampled once for all of its crops (the crops of one image are laid side by
+    side in one sampling grid), so no image is ever copied per crop."""
+    n, (b, c, h, w) = crops.shape[0], images.shape
+    if n == 0:
+        return images.new_zeros((0, c, out, out))
+    batch_index = batch_index.to(images.device).long()
+    counts = torch.bincount(batch_index, minlength=b)
+    slot = _slot_in_image(batch_index, counts)
+    k = int(counts.max())
     t = (torch.arange(out, device=images.device, dtype=images.dtype) + 0.5) / out
+    crops = crops.to(images.device, images.dtype)
     xs = crops[:, 0:1] + t[None] * (crops[:, 2:3] - crops[:, 0:1])      # (N, out) pixel coords
     ys = crops[:, 1:2] + t[None] * (crops[:, 3:4] - crops[:, 1:2])
-    gx = (2 * xs / w - 1)[:, None, :].expand(-1, out, -1)
-    gy = (2 * ys / h - 1)[:, :, None].expand(-1, -1, out)
-    grid = torch.stack([gx, gy], dim=-1)
-    return F.grid_sample(images[batch_index], grid, mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    grid = images.new_full((b, k, out, out, 2), -2.0)                    # unused slots: outside
+    grid[batch_index, slot, :, :, 0] = (2 * xs / w - 1)[:, None, :].expand(-1, out, -1)
+    grid[batch_index, slot, :, :, 1] = (2 * ys / h - 1)[:, :, None].expand(-1, -1, out)
+    sampled = F.grid_sample(images, grid.view(b, k * out, out, 2), mode="bilinear",
+                            padding_mode="border", align_corners=False)  # (B, C, k*out, out)
+    sampled = sampled.view(b, c, k, out, out).permute(0, 2, 1, 3, 4)
+    return sampled[batch_index, slot]
+
+
+def _slot_in_image(batch_index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Position of each crop among the crops of its image (0, 1, ... in input order)."""
+    order = torch.argsort(batch_index, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(batch_index)
+    slot[order] = torch.arange(len(batch_index), device=batch_index.device) \
+        - starts[batch_index[order]]
+    return slot
+
+
+def paste_masks(logits: torch.Tensor, crops: torch.Tensor, side: int) -> torch.Tensor:
+    """Resample (N, S, S) logit maps onto their integer crop boxes, all at once.
+
+    Returns bool (N, side, side) windows: pixel (r, c) of window n is pixel
+    (crops[n, 1] + r, crops[n, 0] + c) of the image, True where the bilinearly resampled logit
+    is > 0 (the same samples as `F.interpolate(..., align_corners=False)` to the crop's size);
+    pixels beyond the crop's own height / width are False. `side` >= the largest crop side."""
+    n, s = logits.shape[0], logits.shape[-1]
+    if n == 0:
+        return torch.zeros((0, side, side), dtype=torch.bool, device=logits.device)
+    wh = (crops[:, 2:] - crops[:, :2]).to(logits.device, torch.float32)   # (N, 2) crop w, h
+    idx = torch.arange(side, device=logits.device, dtype=torch.float32) + 0.5
+    gx = 2 * idx[None] / wh[:, 0:1] - 1                                   # (N, side)
+    gy = 2 * idx[None] / wh[:, 1:2] - 1
+    grid = torch.stack([gx[:, None, :].expand(-1, side, -1),
+                        gy[:, :, None].expand(-1, -1, side)], dim=-1)
+    m = F.grid_sample(logits.float().view(n, 1, s, s), grid, mode="bilinear",
+                      padding_mode="border", align_corners=False)[:, 0]
+    inside = (gx < 1)[:, None, :] & (gy < 1)[:, :, None]
+    return (m > 0) & inside
 
 
 def paste_mask(logits48: torch.Tensor, crop: tuple[int, int, int, int]) -> torch.Tensor:
-    """Resample one (48, 48) logit map back onto its integer crop box; returns bool (h, w)."""
+    """One (S, S) logit map resampled onto its integer crop box; returns bool (h, w)."""
     x0, y0, x1, y1 = crop
-    m = F.interpolate(logits48[None, None], size=(y1 - y0, x1 - x0), mode="bilinear",
-                      align_corners=False)[0, 0]
-    return m > 0
+    side = max(x1 - x0, y1 - y0)
+    box = torch.tensor([crop], dtype=torch.float32)
+    return paste_masks(logits48[None], box, side)[0, :y1 - y0, :x1 - x0]
