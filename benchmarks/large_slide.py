@@ -6,7 +6,8 @@
 2. Runs `usnet_wsi.pipeline.segment_slide` on it in a fresh child process, with the oracle model
    (tests/oracle.py: the true nuclei, so the run measures reading, tiling, post-processing,
    merge and writers, not the network) or the real model (`--model real`).
-3. Samples the child's resident memory (VmRSS, every 0.1 s) and reads its peak (ru_maxrss);
+3. Samples the resident memory of the child and its CPU-stage workers (VmRSS summed, every
+   0.1 s) and reads the child's own peak (ru_maxrss);
    prints a table and writes JSON to benchmarks/results/.
 
     python benchmarks/large_slide.py                       # 40k x 40k, oracle
@@ -131,11 +132,18 @@ def write_slide(path: Path, scene: Scene, mpp: float) -> float:
 # ----------------------------------------------------------------------------- the child run
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return math.nan
+    """Resident memory of this process plus its live children (the CPU-stage workers), MiB."""
+    import multiprocessing
+    total = 0.0
+    for pid in ["self"] + [str(p.pid) for p in multiprocessing.active_children()]:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total if total else math.nan
 
 
 class RssSampler(threading.Thread):

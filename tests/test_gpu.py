@@ -21,24 +21,35 @@ def _need_cuda():
         pytest.skip("no CUDA device")
 
 
-def _segment(tmp_path: Path, device: str) -> dict:
+def _segment(tmp_path: Path, device: str, *extra: str) -> dict:
     out = tmp_path / device.replace(":", "")
     res = CliRunner().invoke(main, ["segment", str(EXAMPLE), "-o", str(out), "--device", device,
-                                    "--json", "-q"])
+                                    "--json", "-q", *extra])
     assert res.exit_code == 0, res.output
     return json.loads((out / "example.run.json").read_text())
 
 
 def test_cuda_and_cpu_find_the_same_nuclei(tmp_path: Path) -> None:
     gpu, cpu = _segment(tmp_path, "cuda"), _segment(tmp_path, "cpu")
-    assert "cuda" in json.dumps(gpu).lower()
+    assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
     n_gpu, n_cpu = gpu["counts"]["nuclei"], cpu["counts"]["nuclei"]
     assert n_cpu > 0 and abs(n_gpu - n_cpu) <= max(3, 0.02 * n_cpu)   # AMP changes few nuclei
 
 
-def test_predictor_runs_amp_on_cuda() -> None:
+def test_cuda_output_does_not_depend_on_the_batch_size(tmp_path: Path) -> None:
+    a = _segment(tmp_path / "b1", "cuda", "--batch-size", "1")
+    b = _segment(tmp_path / "b8", "cuda", "--batch-size", "8")
+    assert a["counts"]["nuclei"] == b["counts"]["nuclei"] > 0
+
+
+def test_predictor_runs_the_network_in_half_precision_on_cuda() -> None:
     from usnet_wsi.predict import load_predictor
     pred = load_predictor(None, "cuda")
-    tiles = np.full((2, 300, 300, 3), 230, np.uint8)
-    assert len(pred.predict(tiles, [None, None])) == 2
+    seen: list[torch.dtype] = []
+    pred.model.unet.register_forward_hook(lambda m, i, out: seen.append(out[0].dtype))
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(120, 230, (2, 300, 300, 3), dtype=np.uint8)
+    found = pred.predict(tiles)
+    assert len(found) == 2 and found.labels.shape == (2, 300, 300)
+    assert pred.amp and seen == [torch.float16]
     assert next(pred.model.parameters()).is_cuda

@@ -161,7 +161,8 @@ def run_model(model: USNet, tiles: np.ndarray):
 
 def sequential_reference(model: USNet, x, out, thr: Thresholds, region=None) -> list[np.ndarray]:
     """The instance step written the slow, obvious way: per tile, per detection, one mask
-    after the other (gathered crops, F.interpolate paste, edge check, best-first painting)."""
+    after the other (gathered crops, F.interpolate paste, edge check, best-first painting that
+    keeps the largest connected part of the free pixels)."""
     size, anchors = x.shape[-1], make_anchors(model.spec)
     inp = torch.cat([x, model.seg_probs(out.seg_logits)], 1)
     result = []
@@ -193,8 +194,11 @@ def sequential_reference(model: USNet, x, out, thr: Thresholds, region=None) -> 
                 continue
             window = labels[y0:y1, x0:x1]
             free = mask & (window == 0)
-            area = int(mask.sum())
-            if free.sum() < max(thr.min_area_px, thr.keep_fraction * area, 1):
+            parts, n_parts = ndimage.label(free)
+            if n_parts == 0:
+                continue
+            free = parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
+            if free.sum() < max(thr.min_area_px, thr.keep_fraction * int(mask.sum())):
                 continue
             n_kept += 1
             window[free] = n_kept

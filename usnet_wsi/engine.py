@@ -204,8 +204,8 @@ def _submit_batch(pool: Executor, batch: list[tuple[Tile, np.ndarray]], found: "
     out = []
     for i, (tile, rgb) in enumerate(batch):
         n = int(found.counts[i])
-        scores = found.scores[i, :n]
-        fut = pool.submit(tile_nuclei, tile_frame(tile, plan), rgb, found.labels[i], scores)
+        fut = pool.submit(tile_nuclei, tile_frame(tile, plan), rgb, found.labels[i],
+                          found.scores[i, :n])
         out.append((tile, int(found.detected[i]), fut))
     return out
 

@@ -10,11 +10,12 @@ threshold tuning all go through it. One fixed flow of batched tensors, on the mo
 4. one call of the 48x48 refiner for the whole batch;
 5. all masks pasted back at once (bilinear, as `F.interpolate` to the crop size), masks cut off
    by their crop border dropped;
-6. score-ordered painting of all tiles at once: every pixel goes to the best-scored mask that
-   covers it; a mask keeping less than `keep_fraction` of its area, or fewer than `min_area_px`
-   pixels, is dropped and leaves its pixels to the others (exactly as painting one mask after
-   the other, best first, would);
-7. one device-to-host copy: an int32 label map per tile plus a score table.
+6. one device-to-host copy of the masks as pixel lists, with scores and minimum sizes;
+7. score-ordered painting of the whole batch in a few vectorised waves (`usnet_wsi.painting`):
+   exactly as painting one mask after the other, best first, where each mask keeps the
+   largest connected part of the pixels still free and is dropped when that part is smaller
+   than `min_area_px` or `keep_fraction` of its area. Result: an int32 label map per tile
+   plus a score table.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from usnet_wsi.decode import Detections, detect
 from usnet_wsi.model.bundle import Thresholds
 from usnet_wsi.model.refine import context_boxes, crop_resize, paste_masks
 from usnet_wsi.model.usnet import USNet, USNetOutput
+from usnet_wsi.painting import MaskPixels, paint_batch
 
 # Detections whose box centre lies this many tile pixels outside the tile's `region` are not
 # refined (the refined mask's centroid, which decides ownership, sits near the box centre).
@@ -75,6 +77,11 @@ class InstanceBatch:
                    np.array([len(t) for t in tiles], np.int64),
                    np.array([t.detected for t in tiles], np.int64))
 
+    @classmethod
+    def empty(cls, size: int) -> "InstanceBatch":
+        return cls(np.zeros((0, size, size), np.int32), np.zeros((0, 1), np.float32),
+                   np.zeros(0, np.int64), np.zeros(0, np.int64))
+
 
 def paint_masks(masks: Sequence[np.ndarray], origins: Sequence[tuple[int, int]],
                 scores: Sequence[float], size: int) -> TileInstances:
@@ -110,8 +117,7 @@ def batch_instances(model: USNet, x: torch.Tensor, out: USNetOutput, anchors: to
     crops = context_boxes(dets.boxes, model.spec.refine_context, size)
     logits = _refine(model, x, out, dets.image, crops)
     masks = _paste(logits, crops, dets.image, size, thr.max_edge_fraction)
-    kept = paint(masks, len(dets), thr)
-    return _to_host(masks, kept, dets, b, size, detected)
+    return _to_host(masks, _need(masks.area, thr), dets, (b, size), detected)
 
 
 def _centre_in(dets: Detections, regions: torch.Tensor, margin: float) -> torch.Tensor:
@@ -179,63 +185,25 @@ def _cut_off(win: torch.Tensor, crops: torch.Tensor, size: int, max_fraction: fl
     return (total > 0) & ((on * inner).sum(1) > max_fraction * total)
 
 
-def paint(masks: _Masks, n: int, thr: Thresholds) -> torch.Tensor:
-    """bool (N,) masks kept by score-ordered painting (masks are indexed best first).
-
-    Equal to painting one mask after the other: a mask is kept when the pixels no better kept
-    mask took are at least `min_area_px` and `keep_fraction` of its area. Decided in rounds:
-    a mask passing against all undecided better masks passes for sure; one failing against the
-    kept ones alone fails for sure; the best undecided mask is always decided."""
-    dev = masks.area.device
-    state = torch.where(masks.usable, 0, -1).to(dev)            # 0 undecided, 1 kept, -1 dropped
-    need = torch.maximum(torch.full_like(masks.area, thr.min_area_px),
-                         torch.ceil(thr.keep_fraction * masks.area).long())
-    need = torch.maximum(need, torch.ones_like(need))
-    for _ in range(n + 1):
-        undecided = state == 0
-        if not bool(undecided.any()):
-            break
-        low = _free_pixels(masks, state >= 0, n)                 # worst case
-        high = _free_pixels(masks, state == 1, n, also=undecided)  # best case
-        state = torch.where(undecided & (low >= need), 1, state)
-        state = torch.where(undecided & (high < need), -1, state)
-    return state == 1
+def _need(area: torch.Tensor, thr: Thresholds) -> torch.Tensor:
+    """(N,) pixels a mask must keep: `min_area_px`, `keep_fraction` of its area, at least 1."""
+    need = torch.maximum(torch.full_like(area, thr.min_area_px),
+                         torch.ceil(thr.keep_fraction * area).long())
+    return torch.maximum(need, torch.ones_like(need))
 
 
-def _free_pixels(masks: _Masks, takers: torch.Tensor, n: int,
-                 also: torch.Tensor | None = None) -> torch.Tensor:
-    """(N,) pixels of each mask that no better-ranked mask in `takers` covers (for masks in
-    `takers` or `also`)."""
-    best = _best_owner(masks, takers, n)
-    mine = takers if also is None else takers | also
-    sel = mine[masks.owner] & (best[masks.flat] >= masks.owner)
-    return torch.bincount(masks.owner[sel], minlength=n)
-
-
-def _best_owner(masks: _Masks, takers: torch.Tensor, n: int) -> torch.Tensor:
-    """Per flat pixel, the best (lowest) index of a mask in `takers` covering it; n if none."""
-    best = torch.full((int(masks.flat.max()) + 1 if len(masks.flat) else 1,), n,
-                      dtype=torch.long, device=masks.flat.device)
-    sel = takers[masks.owner]
-    return best.scatter_reduce(0, masks.flat[sel], masks.owner[sel], "amin")
-
-
-def _to_host(masks: _Masks, kept: torch.Tensor, dets: Detections, b: int, size: int,
+def _to_host(masks: _Masks, need: torch.Tensor, dets: Detections, shape: tuple[int, int],
              detected: torch.Tensor) -> InstanceBatch:
-    """Label maps (local labels 1..n per tile, best score first) and scores, copied once."""
-    dev, n = kept.device, len(dets)
-    per_tile = torch.bincount(dets.image[kept], minlength=b)
-    start = torch.cumsum(per_tile, 0) - per_tile
-    local = torch.zeros(n + 1, dtype=torch.int32, device=dev)
-    kept_idx = torch.nonzero(kept).flatten()
-    local[kept_idx] = (torch.arange(len(kept_idx), device=dev) - start[dets.image[kept_idx]]
-                       + 1).int()
-    best = _best_owner(masks, kept, n)
-    labels = torch.zeros(b * size * size, dtype=torch.int32, device=dev)
-    labels[:len(best)] = local[best]
-    k = max(int(per_tile.max()) if b else 0, 1)
-    scores = torch.full((b, k), float("nan"), device=dev)
-    scores[dets.image[kept_idx], local[kept_idx].long() - 1] = dets.scores[kept_idx].float()
-    host = [t.cpu().numpy() for t in (labels, scores, per_tile, detected)]
-    return InstanceBatch(host[0].reshape(b, size, size), np.round(host[1], SCORE_DECIMALS),
-                         host[2].astype(np.int64), host[3].astype(np.int64))
+    """One copy of the compact tables to the host, then painting (usnet_wsi.painting)."""
+    b, size = shape
+    owner, flat, need, usable, tile, scores, detected = (
+        t.cpu().numpy() for t in (masks.owner, masks.flat, need, masks.usable, dets.image,
+                                  dets.scores, detected))
+    labels, kept = paint_batch(MaskPixels(owner, flat, need, usable, tile), b, size)
+    idx = np.flatnonzero(kept)
+    counts = np.bincount(tile[idx], minlength=b)
+    table = np.full((b, max(int(counts.max(initial=0)), 1)), np.nan, np.float32)
+    slot = np.arange(len(idx)) - (np.cumsum(counts) - counts)[tile[idx]]
+    table[tile[idx], slot] = scores[idx]
+    return InstanceBatch(labels, np.round(table, SCORE_DECIMALS), counts.astype(np.int64),
+                         detected.astype(np.int64))

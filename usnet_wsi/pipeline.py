@@ -25,7 +25,8 @@ import numpy as np
 
 from usnet_wsi.config import SegmentConfig, SlideOptions
 from usnet_wsi.console import Reporter
-from usnet_wsi.engine import EngineCounts, EngineSettings, StageTimes, merged_nuclei
+from usnet_wsi.engine import (EngineCounts, EngineSettings, MergedStep, StageTimes,
+                              merged_nuclei)
 from usnet_wsi.errors import OutputError
 from usnet_wsi.measure import nucleus_measurements
 from usnet_wsi.nuclei import Nucleus
@@ -33,6 +34,7 @@ from usnet_wsi.slide import Slide, open_slide
 from usnet_wsi.tiling import TilePlan, plan_tiles, roi_from_xywh
 from usnet_wsi.tissue import tissue_mask
 from usnet_wsi.writers.atomic import outputs_complete
+from usnet_wsi.writers.background import BackgroundWriter
 from usnet_wsi.writers.geojson import GeoJSONWriter
 from usnet_wsi.writers.overview import write_overview
 from usnet_wsi.writers.runjson import provenance, utc_now, write_run_json
@@ -43,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover - predict.py imports torch
 
 PredictorSource = Union["Predictor", Callable[[], "Predictor"]]
 THUMBNAIL_MAX_SIDE = 2048
+THUMBNAIL_MIN_UM_PER_PX = 4.0     # tissue detection needs no finer thumbnail than 2.5x
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,18 @@ def prepare_out_dir(out_dir: Path) -> bool:
     return created
 
 
+def thumbnail_side(width_l0: int, height_l0: int, mpp: float) -> int:
+    """Longer side of the tissue thumbnail: at most THUMBNAIL_MAX_SIDE pixels and no finer than
+    THUMBNAIL_MIN_UM_PER_PX (small slides and regions get a small, cheap thumbnail)."""
+    side_um = max(width_l0, height_l0) * mpp
+    return max(64, min(THUMBNAIL_MAX_SIDE, math.ceil(side_um / THUMBNAIL_MIN_UM_PER_PX)))
+
+
 def find_tissue(slide: Slide) -> Tissue:
     """Thumbnail of the slide and its tissue mask."""
-    thumb, scale = slide.thumbnail(THUMBNAIL_MAX_SIDE)
+    info = slide.info
+    side = thumbnail_side(info.width, info.height, min(info.mpp_x, info.mpp_y))
+    thumb, scale = slide.thumbnail(side)
     return Tissue(thumb=thumb, scale=scale, mask=tissue_mask(thumb))
 
 
@@ -219,6 +231,29 @@ def _record(label: int, nucleus: Nucleus, mpp_x: float, mpp_y: float) -> dict[st
                                                  nucleus.hematoxylin_od, mpp_x, mpp_y)}
 
 
+class _NucleiSink:
+    """Numbers the final nuclei and writes them (GeoJSON, zarr labels); runs in the writer
+    thread, so serialising overlaps with the model and the CPU stage."""
+
+    def __init__(self, mpp_xy: tuple[float, float], geo: GeoJSONWriter, labels: LabelZarrWriter,
+                 times: StageTimes) -> None:
+        self.mpp_x, self.mpp_y = mpp_xy
+        self.geo, self.labels, self.times = geo, labels, times
+        self.label = 0
+        self.centroids = array("d")
+
+    def consume(self, step: MergedStep) -> None:
+        t0 = time.perf_counter()
+        for nucleus in step.nuclei:
+            self.label += 1
+            self.geo.write([_record(self.label, nucleus, self.mpp_x, self.mpp_y)])
+            self.labels.add(self.label, nucleus.polygon_l0, nucleus.score)
+            self.centroids.extend(nucleus.centroid_l0)
+        if math.isfinite(step.horizon_y_l0):   # after the last step, close() finishes
+            self.labels.complete_above(step.horizon_y_l0)
+        self.times.add("write", time.perf_counter() - t0)
+
+
 def _stream(slide: Slide, plan: TilePlan, model: "Predictor", cfg: SegmentConfig,
             geo: GeoJSONWriter, labels: LabelZarrWriter, reporter: Reporter,
             times: StageTimes, counts: EngineCounts) -> np.ndarray:
@@ -226,21 +261,13 @@ def _stream(slide: Slide, plan: TilePlan, model: "Predictor", cfg: SegmentConfig
     info = slide.info
     settings = EngineSettings(batch_size=cfg.batch_size, workers=cfg.workers,
                               prefetch_tiles=cfg.prefetch_tiles, iou_threshold=cfg.iou_threshold)
-    centroids = array("d")
-    label = 0
+    sink = _NucleiSink((info.mpp_x, info.mpp_y), geo, labels, times)
     with reporter.task(info.name, total=len(plan.tiles)) as task, \
-            closing(merged_nuclei(slide, plan, model, settings, task, times, counts)) as steps:
+            closing(merged_nuclei(slide, plan, model, settings, task, times, counts)) as steps, \
+            BackgroundWriter(sink.consume) as writer:
         for step in steps:   # closing(): on an error the reader threads stop at once
-            t0 = time.perf_counter()
-            for nucleus in step.nuclei:
-                label += 1
-                geo.write([_record(label, nucleus, info.mpp_x, info.mpp_y)])
-                labels.add(label, nucleus.polygon_l0, nucleus.score)
-                centroids.extend(nucleus.centroid_l0)
-            if math.isfinite(step.horizon_y_l0):   # after the last step, close() finishes
-                labels.complete_above(step.horizon_y_l0)
-            times.add("write", time.perf_counter() - t0)
-    return np.frombuffer(centroids, dtype=np.float64).reshape(-1, 2)
+            writer.put(step)
+    return np.frombuffer(sink.centroids, dtype=np.float64).reshape(-1, 2)
 
 
 def _write_outputs(slide: Slide, plan: TilePlan, model: "Predictor", cfg: SegmentConfig,

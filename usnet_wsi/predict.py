@@ -8,6 +8,7 @@ instance step, ownership and merge as slides (training validation and threshold 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -67,7 +68,7 @@ class ModelPredictor:
     results never depend on `--batch-size`."""
 
     def __init__(self, model: USNet, thresholds: Thresholds, device: torch.device,
-                 name: str = "in-memory", sha256: str = "") -> None:
+                 name: str = "in-memory", sha256: str = "", tile_px: int | None = None) -> None:
         self.model = model.to(device).eval()
         self.model.to(memory_format=torch.channels_last)
         self.thresholds = thresholds
@@ -76,17 +77,20 @@ class ModelPredictor:
         self.amp = device.type == "cuda"
         self.name, self.sha256 = name, sha256
         spec = model.spec
-        self.tile_px, self.halo_px, self.mpp = spec.input_size, spec.halo_px, spec.mpp
-        self.anchors = make_anchors(spec).to(device)
+        self.tile_px = int(tile_px or spec.input_size)
+        if self.tile_px <= 2 * spec.halo_px or self.tile_px % 4:
+            raise UsageError(f"an inference tile of {self.tile_px} px does not fit this model",
+                             f"use a multiple of 4 above {2 * spec.halo_px} px")
+        self.halo_px, self.mpp = spec.halo_px, spec.mpp
+        # fully convolutional: the anchor grid follows the feature maps of the tile side
+        self.anchors = make_anchors(replace(spec, input_size=self.tile_px)).to(device)
 
     @torch.inference_mode()
     def predict(self, tiles: np.ndarray, meta: Sequence[Any] | None = None,
                 regions: np.ndarray | None = None) -> InstanceBatch:
         n = len(tiles)
         if n == 0:
-            size = self.tile_px
-            return InstanceBatch(np.zeros((0, size, size), np.int32), np.zeros((0, 1), np.float32),
-                                 np.zeros(0, np.int64), np.zeros(0, np.int64))
+            return InstanceBatch.empty(self.tile_px)
         if n == 1:
             tiles = np.concatenate([tiles, tiles])
             regions = None if regions is None else np.concatenate([regions, regions])
@@ -105,18 +109,22 @@ def _first(batch: InstanceBatch) -> InstanceBatch:
 
 
 class BundlePredictor(ModelPredictor):
-    """A ModelPredictor built from a verified weights bundle."""
+    """A ModelPredictor built from a verified weights bundle. The inference tile side is the
+    bundle's `inference_tile_px` (config.json) unless `tile_px` is given, else the training
+    input size."""
 
-    def __init__(self, bundle: Bundle, device: torch.device) -> None:
+    def __init__(self, bundle: Bundle, device: torch.device, tile_px: int | None = None) -> None:
+        tile = tile_px or bundle.config.get("inference_tile_px")
         super().__init__(bundle.build_model(), bundle.thresholds, device, bundle.name,
-                         bundle.sha256)
+                         bundle.sha256, tile_px=int(tile) if tile else None)
         self.bundle = bundle
 
 
-def load_predictor(weights: str | Path | None = None, device: str = "auto") -> BundlePredictor:
+def load_predictor(weights: str | Path | None = None, device: str = "auto",
+                   tile_px: int | None = None) -> BundlePredictor:
     """The default bundle (weights=None) or the bundle at `weights`, on the chosen device."""
     dev = resolve_device(device)
-    return BundlePredictor(load_bundle(weights), dev)
+    return BundlePredictor(load_bundle(weights), dev, tile_px)
 
 
 class ImageReader:

@@ -142,6 +142,10 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
     for key in ("spec", "weights_sha256", "name"):
         if key not in config:
             raise WeightsError(f"{path} lacks {key!r}", "re-export the bundle")
+    tile = config.get("inference_tile_px")
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 64):
+        raise WeightsError(f"{path}: inference_tile_px = {tile!r} must be an integer >= 64",
+                           "fix config.json or re-export the bundle")
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
