@@ -7,10 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from shapely.geometry import MultiPolygon, Polygon, box
-from skimage.measure import label
+from shapely import affinity
+from shapely.geometry import MultiPolygon, Point, Polygon, box
+from skimage.measure import label, points_in_poly
 
-from usnet_wsi.geometry import largest_polygon, mask_to_polygon, polygon_to_mask, transform_polygon
+from usnet_wsi.geometry import (fill_polygon, largest_polygon, mask_to_polygon, pixel_span,
+                                polygon_to_mask, transform_polygon)
 
 
 def _ellipse_mask(shape, cx, cy, ax, ay, angle=0.0):
@@ -79,6 +81,74 @@ def test_polygon_to_mask_respects_holes_and_multipolygons():
     assert out.sum() == 36 - 4 + 1
     assert not out[2:4, 2:4].any()
     assert out[0, 8]
+
+
+def _holed_ellipse(cx, cy, ax, ay, angle):
+    ell = affinity.rotate(affinity.scale(Point(cx, cy).buffer(1.0), ax, ay), angle)
+    return ell.difference(Point(cx + 0.3 * ax, cy - 0.2 * ay).buffer(0.35 * min(ax, ay)))
+
+
+def test_fill_polygon_writes_the_value_strictly_inside_and_keeps_the_rest():
+    poly = _holed_ellipse(20.3, 14.9, 15.2, 9.7, 33.0)
+    assert len(poly.interiors) == 1
+    out = np.full((30, 45), 7, np.uint32)
+    n = fill_polygon(out, poly, 3, origin_xy=(-2, 1))
+    # independent reference: skimage's point-in-polygon test on the pixel centres
+    ys, xs = np.mgrid[0:30, 0:45] + 0.5
+    centres = np.column_stack([xs.ravel() - 2, ys.ravel() + 1])
+    inside = points_in_poly(centres, np.asarray(poly.exterior.coords))
+    inside &= ~points_in_poly(centres, np.asarray(poly.interiors[0].coords))
+    expected = np.where(inside.reshape(30, 45), 3, 7)
+    np.testing.assert_array_equal(out, expected)
+    assert n == inside.sum() > 100
+
+
+def test_fill_polygon_centre_on_the_outline_is_outside():
+    out = np.zeros((6, 6), np.uint8)
+    fill_polygon(out, box(1.5, 1.5, 4.5, 4.5), 1)  # centres 1.5 and 4.5 lie on the edges
+    expected = np.zeros((6, 6), np.uint8)
+    expected[2:4, 2:4] = 1
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4, 8])
+def test_fill_polygon_with_stride_samples_level_0(stride):
+    """A level-k window (stride 2**k) holds exactly the level-0 pixels [r * s, c * s]."""
+    rng = np.random.default_rng(stride)
+    level0 = np.zeros((400, 500), np.uint32)
+    polys = [_holed_ellipse(*rng.uniform(0, 400, 2), *rng.uniform(8, 60, 2), rng.uniform(0, 180))
+             for _ in range(12)]
+    for i, poly in enumerate(polys, start=1):
+        fill_polygon(level0, poly, i)
+    row0, col0 = 3, 5  # the window's top-left pixel, in level-k pixels
+    window = np.zeros((400 // stride - row0, 500 // stride - col0), np.uint32)
+    for i, poly in enumerate(polys, start=1):
+        fill_polygon(window, poly, i, origin_xy=(col0 * stride, row0 * stride), stride=stride)
+    sampled = level0[row0 * stride :: stride, col0 * stride :: stride][: window.shape[0],
+                                                                       : window.shape[1]]
+    np.testing.assert_array_equal(window, sampled)
+    assert len(np.unique(window)) > 6
+
+
+def test_fill_polygon_rejects_a_bad_stride():
+    with pytest.raises(ValueError, match="stride"):
+        fill_polygon(np.zeros((3, 3)), box(0, 0, 2, 2), 1, stride=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lo=st.floats(-50, 50), size=st.floats(0, 30))
+def test_pixel_span_is_the_pixels_whose_centre_is_strictly_between(lo, size):
+    hi = lo + size
+    centres = np.arange(-60, 90) + 0.5
+    expected = np.arange(-60, 90)[(centres > lo) & (centres < hi)]
+    start, stop = pixel_span(lo, hi)
+    assert list(range(max(start, -60), stop)) == expected.tolist()
+
+
+def test_pixel_span_with_origin_and_stride():
+    # samples 10 + 4 i + 0.5: 2.5, 6.5, 10.5, 14.5, 18.5 for i = -2 .. 2
+    assert pixel_span(6.5, 18.5, origin=10, stride=4) == (0, 2)
+    assert pixel_span(6.4, 18.6, origin=10, stride=4) == (-1, 3)
 
 
 @settings(max_examples=60, deadline=None)

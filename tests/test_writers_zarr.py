@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
+import tracemalloc
+
 import numpy as np
 import pytest
+import shapely
 import zarr
 from shapely import affinity
-from shapely.geometry import Point
+from shapely.geometry import Point, box
 from skimage.measure import points_in_poly
+from zarr.storage import LocalStore
 
+from usnet_wsi.geometry import polygon_to_mask
 from usnet_wsi.writers.zarr import LabelZarrWriter, pyramid_shapes
 
 W, H, MPP_X, MPP_Y = 230, 190, 0.25, 0.26
@@ -42,12 +48,13 @@ def _reference(nuclei):
     return ref.reshape(H, W)
 
 
-def _write(path, nuclei, chunk_px=32, band_every=None, **kw):
+def _write(path, nuclei, chunk_px=32, band_every=None, size=(W, H), **kw):
     """Write nuclei; with band_every, declare rows complete as the row-major stream advances.
 
     Returns the writer and how many rows were written before close().
     """
-    with LabelZarrWriter(path, W, H, MPP_X, MPP_Y, chunk_px=chunk_px, min_level_px=40,
+    kw.setdefault("min_level_px", 40)
+    with LabelZarrWriter(path, *size, MPP_X, MPP_Y, chunk_px=chunk_px,
                          source={"slide": "synthetic"}, **kw) as writer:
         for i, (label, poly, score) in enumerate(nuclei):
             writer.add(label, poly, score)
@@ -202,3 +209,131 @@ def test_bad_label_is_refused(tmp_path):
             with pytest.raises(ValueError):
                 writer.add(bad, Point(20, 10).buffer(5), 0.9)
     assert writer.n_added == 0
+
+
+# ----------------------------------------------------------------- chunk-wise = one-shot
+
+
+def _one_shot(nuclei, width, height):
+    """Level 0 the plain way: every pixel centre of the canvas tested against every polygon
+    (strictly inside, shapely.contains_xy), in `add` order, later nuclei overwriting."""
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5
+    ref = np.zeros((height, width), np.uint32)
+    for label, poly, _ in nuclei:
+        ref[shapely.contains_xy(poly, xs, ys)] = label
+    return ref
+
+
+def _ellipse(cx, cy, ax, ay, angle):
+    return affinity.rotate(affinity.scale(Point(cx, cy).buffer(1.0), ax, ay), angle)
+
+
+def _wide_sparse_nuclei():
+    """A 12,000 x 150 canvas, chunks of 32: nuclei on chunk corners, across the canvas edges,
+    one over 3 x 4 chunks, a holed one, and overlapping pairs (the later must win)."""
+    shapes = [
+        _ellipse(5_000.4, -2.1, 9.3, 6.2, 10),         # across the top edge
+        _ellipse(-3.2, 20.6, 8.1, 5.5, 75),            # across the left edge
+        _ellipse(64.2, 31.7, 7.4, 5.1, 20),            # on a chunk corner (64, 32)
+        _ellipse(66.0, 34.2, 6.2, 6.9, 140),           # overlaps the previous one
+        _ellipse(9_600.3, 32.4, 11.7, 4.2, 0),         # on a chunk border
+        _ellipse(3_004.6, 70.2, 61.5, 44.3, 30).difference(Point(3_010.1, 66.3).buffer(12.6)),
+        _ellipse(11_995.5, 60.1, 9.1, 7.7, 60),        # across the right edge
+        _ellipse(7_000.2, 96.1, 8.8, 8.1, 0),
+        _ellipse(7_004.9, 99.8, 5.5, 9.9, 45),         # overlaps the previous one
+        _ellipse(1_023.9, 147.3, 7.0, 6.0, 0),         # across the bottom edge
+    ]
+    shapes.sort(key=lambda p: p.bounds[1])  # row-major enough for the horizon promises
+    return [(i + 1, poly, 0.5) for i, poly in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("case", ["dense", "chunk-12-band-2", "band-3", "wide-sparse"])
+def test_chunk_wise_levels_equal_a_one_shot_reference(tmp_path, case):
+    """Every pyramid level equals level 0 of the plain reference sampled every 2**k px."""
+    size, chunk_px, kw, nuclei = (W, H), 16, {}, _nuclei(seed=6, n=70)
+    if case == "chunk-12-band-2":
+        chunk_px, kw = 12, {"band_chunks": 2}  # coarse strides do not divide the chunk
+    elif case == "band-3":
+        kw = {"band_chunks": 3}  # bands straddle level-1 chunk rows
+    elif case == "wide-sparse":
+        size, chunk_px, nuclei = (12_000, 150), 32, _wide_sparse_nuclei()
+    _, rows_streamed = _write(tmp_path / "s.zarr", nuclei, chunk_px=chunk_px, band_every=2,
+                              size=size, **kw)
+    assert rows_streamed > 0  # some bands were written before close()
+    _, levels = _levels(tmp_path / "s.zarr")
+    ref = _one_shot(nuclei, *size)
+    assert len(levels) == len(pyramid_shapes(size[1], size[0], 40)) >= 3
+    for k, level in enumerate(levels):
+        np.testing.assert_array_equal(level, ref[:: 2**k, :: 2**k], err_msg=f"level {k}")
+    assert set(np.unique(levels[0])) == {0} | {label for label, _, _ in nuclei}
+
+
+# ----------------------------------------------------------------- width-independence
+
+
+def _count_chunk_writes(monkeypatch):
+    """Record every chunk key the stores write: {level: [(row, column), ...]}."""
+    written: dict[int, list[tuple[int, int]]] = {}
+    original = LocalStore.set
+
+    async def counting_set(self, key, value, *args, **kwargs):
+        m = re.fullmatch(r"labels/nuclei/(\d+)/c/(\d+)/(\d+)", key)
+        if m:
+            written.setdefault(int(m[1]), []).append((int(m[2]), int(m[3])))
+        return await original(self, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "set", counting_set)
+    return written
+
+
+def _chunks_with_labels(nuclei, k, chunks, height, width):
+    """Level-k chunks holding at least one level-0 pixel [r * 2**k, c * 2**k] of a nucleus."""
+    s, found = 2**k, set()
+    for _, poly, _ in nuclei:
+        x0, y0 = (int(v) - 1 for v in poly.bounds[:2])
+        mask = polygon_to_mask(poly, (int(poly.bounds[3]) + 2 - y0, int(poly.bounds[2]) + 2 - x0),
+                               origin_xy=(x0, y0))
+        rows, cols = np.nonzero(mask)
+        rows, cols = rows + y0, cols + x0
+        keep = (rows % s == 0) & (cols % s == 0) & (rows >= 0) & (cols >= 0)
+        keep &= (rows < height) & (cols < width)
+        found |= set(zip(rows[keep] // s // chunks[0], cols[keep] // s // chunks[1]))
+    return found
+
+
+def test_wide_sparse_slide_writes_only_touched_chunks_in_bounded_memory(tmp_path, monkeypatch):
+    """200,000 x 3,000 px with five nuclei: one level-0 band would be 1024 x 200,000 uint32
+    (819 MB); the writer must stay far below that and write only the chunks with labels."""
+    width, height, chunk = 200_000, 3_000, 1024
+    nuclei = [(1, _ellipse(97 * 1024 + 0.3, 1024.6, 21.5, 13.2, 30), 0.9),   # 4 chunks
+              (2, _ellipse(150_321.7, 1_500.2, 18.1, 25.3, 10), 0.8),
+              (3, box(40_000.2, 1_800.7, 40_090.6, 1_830.1), 0.7),
+              (4, _ellipse(199_990.1, 2_100.4, 19.0, 9.0, 0), 0.6),            # right edge
+              (5, _ellipse(3.1, 2_993.3, 12.0, 14.0, 70), 0.5)]                 # corner
+    written = _count_chunk_writes(monkeypatch)
+    tracemalloc.start()
+    try:
+        with LabelZarrWriter(tmp_path / "w.zarr", width, height, 0.25, 0.25,
+                             chunk_px=chunk) as writer:
+            for label, poly, score in nuclei:
+                writer.add(label, poly, score)
+                writer.complete_above(poly.bounds[1] - 30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # measured 27 MiB, the same at 20,000 and 2,000,000 px wide: a few 4 MiB chunks in flight
+    assert peak < 1024 * width * 4 / 20  # 41 MB
+    root = zarr.open_group(tmp_path / "w.zarr", mode="r")
+    n_levels = len(pyramid_shapes(height, width))
+    assert sorted(written) == list(range(n_levels)) and n_levels == 9
+    for k in range(n_levels):
+        expected = _chunks_with_labels(nuclei, k, root[f"labels/nuclei/{k}"].chunks, height, width)
+        assert set(written[k]) == expected, f"level {k}"
+    assert len(written[0]) == len(set(written[0])) == 8  # 4 + 1 + 1 + 1 + 1, each once
+    level0 = root["labels/nuclei/0"]
+    for label, poly, _ in nuclei:
+        x0, y0, x1, y1 = (int(v) for v in poly.bounds)
+        x0, y0 = max(x0 - 2, 0), max(y0 - 2, 0)
+        x1, y1 = min(x1 + 3, width), min(y1 + 3, height)
+        want = np.where(polygon_to_mask(poly, (y1 - y0, x1 - x0), origin_xy=(x0, y0)), label, 0)
+        np.testing.assert_array_equal(level0[y0:y1, x0:x1], want)

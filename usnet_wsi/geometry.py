@@ -4,7 +4,10 @@ Convention (pixel-edge coordinates): pixel (row r, column c) of a mask whose top
 sits at ``origin_xy = (ox, oy)`` covers the square ``[ox + c, ox + c + 1) x [oy + r, oy + r + 1)``
 and its centre is ``(ox + c + 0.5, oy + r + 0.5)``. A polygon traced from a mask follows the
 marching-squares iso-line at 0.5, which runs along pixel edges and cuts convex pixel corners;
-rasterising a polygon marks the pixels whose centre lies inside it. The two round-trip.
+rasterising a polygon marks the pixels whose centre lies strictly inside it (a centre exactly on
+the outline is outside; a traced, unsimplified outline never passes through a pixel centre).
+The two round-trip. `fill_polygon` is the one rasteriser (masks, label images, pyramid levels
+by stride sampling); it tests each candidate centre with `shapely.contains_xy`.
 
 Frames are the caller's business: `mask_to_polygon` returns coordinates in the frame of
 ``origin_xy`` (e.g. tile pixels), and `transform_polygon` applies a frame conversion such as
@@ -13,16 +16,20 @@ Frames are the caller's business: `mask_to_polygon` returns coordinates in the f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import reduce
+from typing import Any
 
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
-from skimage.draw import polygon as draw_polygon
 from skimage.measure import find_contours
 
-__all__ = ["largest_polygon", "mask_to_polygon", "polygon_to_mask", "transform_polygon"]
+__all__ = [
+    "fill_polygon", "largest_polygon", "mask_to_polygon", "pixel_span", "polygon_to_mask",
+    "transform_polygon",
+]
 
 CoordFn = Callable[[np.ndarray], np.ndarray]
 
@@ -96,10 +103,54 @@ def mask_to_polygon(
     return poly
 
 
+def pixel_span(lo: float, hi: float, origin: float = 0.0, stride: int = 1) -> tuple[int, int]:
+    """Half-open range of pixel indices i whose sample point ``origin + i * stride + 0.5`` lies
+    strictly between lo and hi (e.g. the rows a polygon with y-bounds lo, hi can cover)."""
+    s = int(stride)
+    return (math.floor((lo - origin - 0.5) / s) + 1, math.ceil((hi - origin - 0.5) / s))
+
+
+def fill_polygon(out: np.ndarray, poly: shapely.Geometry | None, value: Any = True,
+                 origin_xy: tuple[float, float] = (0, 0), stride: int = 1) -> int:
+    """Write ``value`` into ``out`` at the pixels whose sample point lies strictly inside ``poly``.
+
+    Pixel ``out[r, c]`` samples the point ``(ox + c * stride + 0.5, oy + r * stride + 0.5)`` of
+    the polygon's frame: with stride 1 that is the pixel's centre when ``origin_xy`` is the
+    position of ``out``'s top-left pixel corner; with stride ``2**k`` and ``origin_xy`` a
+    level-0 position, ``out`` is a window of pyramid level k (stride sampling of level 0).
+    Holes are respected; pixels outside the polygon keep their value, so polygons filled later
+    overwrite earlier ones. Parts outside the window are cut off. Returns the pixels written.
+    """
+    if poly is None or poly.is_empty:
+        return 0
+    if int(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    return sum(_fill_part(out, part, value, (float(origin_xy[0]), float(origin_xy[1])),
+                          int(stride)) for part in _polygon_parts(poly))
+
+
+def _fill_part(out: np.ndarray, part: Polygon, value: Any, origin_xy: tuple[float, float],
+               stride: int) -> int:
+    minx, miny, maxx, maxy = part.bounds
+    ox, oy = origin_xy
+    # One pixel of slack each side: the exact test below decides, rounding cannot lose a pixel.
+    r_lo, r_hi = pixel_span(miny, maxy, oy, stride)
+    c_lo, c_hi = pixel_span(minx, maxx, ox, stride)
+    r_lo, c_lo = max(r_lo - 1, 0), max(c_lo - 1, 0)
+    r_hi, c_hi = min(r_hi + 1, out.shape[0]), min(c_hi + 1, out.shape[1])
+    if r_lo >= r_hi or c_lo >= c_hi:
+        return 0
+    xs = np.arange(c_lo, c_hi, dtype=np.float64) * stride + (ox + 0.5)
+    ys = np.arange(r_lo, r_hi, dtype=np.float64) * stride + (oy + 0.5)
+    inside = shapely.contains_xy(part, xs[None, :], ys[:, None])
+    out[r_lo:r_hi, c_lo:c_hi][inside] = value
+    return int(np.count_nonzero(inside))
+
+
 def polygon_to_mask(
     poly: shapely.Geometry, shape_hw: tuple[int, int], origin_xy: tuple[float, float] = (0, 0)
 ) -> np.ndarray:
-    """Rasterise a (Multi)Polygon: True for pixels whose centre lies inside it.
+    """Rasterise a (Multi)Polygon: True for pixels whose centre lies strictly inside it.
 
     Args:
         poly: polygon in the same frame as ``origin_xy`` (holes are respected).
@@ -107,26 +158,11 @@ def polygon_to_mask(
         origin_xy: position of the output's top-left pixel corner in the polygon's frame.
 
     Returns:
-        bool array of ``shape_hw``; parts outside the window are cut off.
+        bool array of ``shape_hw``; parts outside the window are cut off (see `fill_polygon`).
     """
-    h, w = int(shape_hw[0]), int(shape_hw[1])
-    out = np.zeros((h, w), dtype=bool)
-    if poly is None or poly.is_empty:
-        return out
-    ox, oy = float(origin_xy[0]), float(origin_xy[1])
-    for part in _polygon_parts(poly):
-        _fill_ring(out, part.exterior, ox, oy, True)
-        for hole in part.interiors:
-            _fill_ring(out, hole, ox, oy, False)
+    out = np.zeros((int(shape_hw[0]), int(shape_hw[1])), dtype=bool)
+    fill_polygon(out, poly, True, origin_xy)
     return out
-
-
-def _fill_ring(out: np.ndarray, ring: shapely.LinearRing, ox: float, oy: float,
-               value: bool) -> None:
-    xy = np.asarray(ring.coords)
-    # skimage.draw puts pixel centres on integer (row, col); ours sit at +0.5.
-    rr, cc = draw_polygon(xy[:, 1] - oy - 0.5, xy[:, 0] - ox - 0.5, shape=out.shape)
-    out[rr, cc] = value
 
 
 def transform_polygon(poly: Polygon, fn: CoordFn) -> Polygon:

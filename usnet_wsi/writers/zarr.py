@@ -21,13 +21,28 @@ level halves it (nearest neighbour: every other pixel) until both sides are belo
 `min_level_px`. Scales are mpp * 2**k micrometre per pixel.
 
 Pixel (row r, column c) gets a nucleus' label when its centre (c + 0.5, r + 0.5) lies strictly
-inside the polygon; polygons added later overwrite earlier ones where they overlap.
+inside the polygon (`usnet_wsi.geometry.fill_polygon`, the rasteriser shared with
+`polygon_to_mask`); polygons added later overwrite earlier ones where they overlap.
 
 Streaming: nuclei arrive roughly in row-major order through `add`. The caller promises with
 `complete_above(y_l0)` that no later nucleus reaches a pixel row above `y_l0`; every band of
-rows (a multiple of the chunk height) lying wholly above is then rasterised and written, and
-its pyramid rows are buffered until a whole chunk row of each level can be written. Memory:
-one band plus less than one band of pyramid rows plus the pending nuclei.
+rows (`band_chunks` chunk rows) lying wholly above is then written, one chunk column at a time:
+
+- level 0: only the chunks that some pending nucleus touches are rasterised (one chunk-sized
+  array at a time) and written whole; every other chunk is never written and reads as the
+  fill value 0;
+- level k >= 1: each written level-0 chunk hands its stride-2**k samples to the level-k chunk
+  it falls in; the samples of a band that land in one level-k chunk are gathered in a buffer
+  no larger than that chunk and written, as a partial-chunk region that zarr merges into the
+  stored chunk, once the band moves on to the next level-k chunk column.
+
+Memory: one level-0 chunk, at most one band-high buffer of a chunk's width per level, the
+chunks zarr holds while encoding, and the pending nuclei (those of the current band, about
+1.3 KiB each). No array grows with the slide's width or height; an empty region costs nothing.
+A level-k chunk is written once per band it overlaps, so with one chunk row per band the
+pyramid adds 50-100 % to the CPU time of level 0 on a densely covered slide;
+`band_chunks=2` writes level-1 chunks whole and saves 10-25 % of the writer's CPU time, but
+holds twice as many pending nuclei (benchmarks/zarr_writer.py).
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ import shapely
 import zarr
 from zarr.codecs import BloscCodec
 
+from usnet_wsi.geometry import fill_polygon, pixel_span
 from usnet_wsi.writers.atomic import AbortOnError, AtomicTarget, call_or_abort
 
 NGFF_VERSION = "0.5"
@@ -61,74 +77,60 @@ def pyramid_shapes(height: int, width: int, min_level_px: int = 1024) -> list[tu
     return shapes
 
 
-def pixel_rows(lo: float, hi: float) -> tuple[int, int]:
-    """Half-open range of pixel indices whose centre (i + 0.5) lies strictly in (lo, hi)."""
-    return math.floor(lo - 0.5) + 1, math.ceil(hi - 0.5)
-
-
-def rasterize_into(out: np.ndarray, polygon_l0: Any, label: int, y0_l0: int = 0,
-                   x0_l0: int = 0) -> int:
-    """Write `label` where pixel centres of `out` lie strictly inside the polygon.
-
-    `out[r, c]` is the level-0 pixel (x0_l0 + c, y0_l0 + r); the polygon is in level-0 px.
-    Returns the number of pixels set.
-    """
-    minx, miny, maxx, maxy = polygon_l0.bounds
-    r_lo, r_hi = (v - y0_l0 for v in pixel_rows(miny, maxy))
-    c_lo, c_hi = (v - x0_l0 for v in pixel_rows(minx, maxx))
-    r_lo, c_lo = max(r_lo, 0), max(c_lo, 0)
-    r_hi, c_hi = min(r_hi, out.shape[0]), min(c_hi, out.shape[1])
-    if r_lo >= r_hi or c_lo >= c_hi:
-        return 0
-    xs = np.arange(c_lo, c_hi, dtype=np.float64) + (x0_l0 + 0.5)
-    ys = np.arange(r_lo, r_hi, dtype=np.float64) + (y0_l0 + 0.5)
-    inside = shapely.contains_xy(polygon_l0, xs[None, :], ys[:, None])
-    out[r_lo:r_hi, c_lo:c_hi][inside] = label
-    return int(inside.sum())
-
-
 @dataclass
 class _Pending:
     label: int
     polygon: Any
     row_start: int  # first pixel row the polygon can cover
     row_end: int  # exclusive: no pixel row at or below this one is covered
+    col_start: int
+    col_end: int
 
 
 class _LevelSink:
-    """Rows of one pyramid level; written to zarr in whole chunk rows."""
+    """Builds pyramid level k (k >= 1) from the level-0 chunks of a band, column by column.
+
+    Each level-0 chunk holds the stride-2**k samples of a block of one level-k chunk. The
+    blocks of one band that fall in the same level-k chunk are gathered in a buffer no larger
+    than that chunk, written once the band moves on to the next level-k chunk column (zarr
+    merges a partial region into the stored chunk). Buffers: the level-k chunks one column of
+    the band overlaps, never the level's width.
+    """
 
     def __init__(self, array: Any, stride: int) -> None:
         self.array = array
         self.stride = stride
-        self.parts: list[np.ndarray] = []
-        self.n_buffered = 0
-        self.next_row = 0
+        self.rows = (0, 0)  # level-k rows sampled from the current band
+        self.buffers: dict[tuple[int, int], tuple[int, int, np.ndarray]] = {}
 
-    def push_band(self, band: np.ndarray, y0_l0: int) -> None:
-        """Take the rows of this level sampled from a level-0 band that starts at y0_l0."""
+    def start_band(self, y0_l0: int, y1_l0: int) -> None:
+        """Begin the band of level-0 rows [y0, y1) (writing whatever is still buffered)."""
+        self.flush()
+        self.rows = (-(-y0_l0 // self.stride), -(-y1_l0 // self.stride))
+
+    def push(self, raster: np.ndarray, y0_l0: int, x0_l0: int) -> None:
+        """Take the samples of one level-0 chunk of the band whose top-left pixel is (x0, y0)."""
         s = self.stride
-        first = -(-y0_l0 // s) * s - y0_l0
-        part = band[first::s, ::s]
-        if part.shape[0]:
-            self.parts.append(part if s == 1 else part.copy())
-            self.n_buffered += part.shape[0]
-        chunk_h = self.array.chunks[0]
-        if self.n_buffered >= chunk_h:
-            self._write((self.n_buffered // chunk_h) * chunk_h)
+        r0, c0 = -(-y0_l0 // s), -(-x0_l0 // s)  # first level-k row / column sampled here
+        part = raster[r0 * s - y0_l0 :: s, c0 * s - x0_l0 :: s]
+        if not part.any():
+            return  # nothing but the fill value 0
+        ch, cw = self.array.chunks
+        key = (r0 // ch, c0 // cw)
+        self.flush(before_column=key[1])
+        if key not in self.buffers:
+            top, bottom = max(self.rows[0], key[0] * ch), min(self.rows[1], key[0] * ch + ch)
+            width = min(cw, self.array.shape[1] - key[1] * cw)
+            self.buffers[key] = (top, key[1] * cw, np.zeros((bottom - top, width), np.uint32))
+        top, left, buffer = self.buffers[key]
+        buffer[r0 - top : r0 - top + part.shape[0], c0 - left : c0 - left + part.shape[1]] = part
 
-    def flush(self) -> None:
-        """Write whatever is buffered (the last, partial chunk row)."""
-        if self.n_buffered:
-            self._write(self.n_buffered)
-
-    def _write(self, n_rows: int) -> None:
-        block = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
-        self.array[self.next_row : self.next_row + n_rows, :] = block[:n_rows]
-        self.next_row += n_rows
-        rest = block[n_rows:]
-        self.parts = [rest] if rest.shape[0] else []
-        self.n_buffered = rest.shape[0]
+    def flush(self, before_column: int | None = None) -> None:
+        """Write the buffered regions (only those left of `before_column`, when given)."""
+        for key in sorted(self.buffers):
+            if before_column is None or key[1] < before_column:
+                top, left, buffer = self.buffers.pop(key)
+                self.array[top : top + buffer.shape[0], left : left + buffer.shape[1]] = buffer
 
 
 def _multiscales(shapes: list[tuple[int, int]], mpp_x: float, mpp_y: float) -> list[dict]:
@@ -182,7 +184,7 @@ class _Table:
 
 
 class LabelZarrWriter(AbortOnError):
-    """Band-by-band, atomic writer of the nuclei label pyramid and table (see module doc).
+    """Chunk-by-chunk, atomic writer of the nuclei label pyramid and table (see module doc).
 
     Use as a context manager, or call `close()` (commit) / `abort()` (remove everything).
     """
@@ -234,10 +236,10 @@ class LabelZarrWriter(AbortOnError):
         ome = {"version": NGFF_VERSION, "multiscales": _multiscales(self.shapes, mpp_x, mpp_y),
                "image-label": image_label}
         labels = root.create_group(f"labels/{LABEL_NAME}", attributes={"ome": ome})
-        self._sinks = [
-            _LevelSink(self._level_array(labels, k, shape, chunk_px), 2**k)
-            for k, shape in enumerate(self.shapes)
-        ]
+        self._chunk = chunk_px
+        self._level0 = self._level_array(labels, 0, self.shapes[0], chunk_px)
+        self._sinks = [_LevelSink(self._level_array(labels, k, shape, chunk_px), 2**k)
+                       for k, shape in enumerate(self.shapes) if k > 0]
         table_attrs = {"usnet_wsi": {"label_image": f"labels/{LABEL_NAME}",
                                      "frame": "level-0 pixels", "rows": "one per nucleus"}}
         self._table = _Table(root.create_group(TABLE_PATH, attributes=table_attrs), table_chunk)
@@ -267,17 +269,20 @@ class LabelZarrWriter(AbortOnError):
             raise ValueError(f"label must be in 1..{_MAX_LABEL}, got {label}")
         if polygon_l0 is None or polygon_l0.is_empty:
             raise ValueError(f"nucleus {label} has an empty polygon")
-        _, miny, _, maxy = polygon_l0.bounds
-        row_start, row_end = pixel_rows(miny, maxy)
+        minx, miny, maxx, maxy = polygon_l0.bounds
+        row_start, row_end = pixel_span(miny, maxy)
         row_start, row_end = max(row_start, 0), min(row_end, self.height_l0)
-        if row_start < row_end:
-            if row_start < self.rows_done:
-                raise ValueError(
-                    f"nucleus {label} reaches pixel row {row_start}, but rows above "
-                    f"{self.rows_done} were already declared complete and written"
-                )
+        col_start, col_end = pixel_span(minx, maxx)
+        col_start, col_end = max(col_start, 0), min(col_end, self.width_l0)
+        if row_start < row_end and row_start < self.rows_done:
+            raise ValueError(
+                f"nucleus {label} reaches pixel row {row_start}, but rows above "
+                f"{self.rows_done} were already declared complete and written"
+            )
+        if row_start < row_end and col_start < col_end:
             shapely.prepare(polygon_l0)
-            self._pending.append(_Pending(int(label), polygon_l0, row_start, row_end))
+            self._pending.append(_Pending(int(label), polygon_l0, row_start, row_end,
+                                          col_start, col_end))
         self._guard(self._table.append, int(label), polygon_l0, float(score))
         self.n_added += 1
 
@@ -292,17 +297,38 @@ class LabelZarrWriter(AbortOnError):
             y0, y1 = self.rows_done, min(self.rows_done + self.band_rows, self.height_l0)
             if y1 > limit:
                 return
-            band = np.zeros((y1 - y0, self.width_l0), dtype=np.uint32)
-            keep = []
-            for item in self._pending:
-                if item.row_start < y1:
-                    rasterize_into(band, item.polygon, item.label, y0_l0=y0)
-                if item.row_end > y1:
-                    keep.append(item)
-            self._pending = keep
-            for sink in self._sinks:
-                sink.push_band(band, y0)
+            self._write_band(y0, y1)
+            self._pending = [item for item in self._pending if item.row_end > y1]
             self.rows_done = y1
+
+    def _write_band(self, y0: int, y1: int) -> None:
+        """Rasterise and write the level-0 chunks of rows [y0, y1) that pending nuclei touch,
+        column by column, and pass each one's stride samples on to the pyramid levels."""
+        c = self._chunk
+        by_column: dict[int, list[_Pending]] = {}
+        for item in self._pending:  # in `add` order: later nuclei overwrite earlier ones
+            if item.row_start < y1:
+                for j in range(item.col_start // c, (item.col_end - 1) // c + 1):
+                    by_column.setdefault(j, []).append(item)
+        for sink in self._sinks:
+            sink.start_band(y0, y1)
+        for j in sorted(by_column):
+            for top in range(y0, y1, c):
+                bottom = min(top + c, y1)
+                items = [it for it in by_column[j] if it.row_start < bottom and it.row_end > top]
+                if items:
+                    self._write_chunk(items, top, bottom, j * c)
+        for sink in self._sinks:
+            sink.flush()
+
+    def _write_chunk(self, items: list[_Pending], y0: int, y1: int, x0: int) -> None:
+        raster = np.zeros((y1 - y0, min(self._chunk, self.width_l0 - x0)), dtype=np.uint32)
+        for item in items:
+            fill_polygon(raster, item.polygon, item.label, origin_xy=(x0, y0))
+        if raster.any():  # else zarr's fill value 0 already says so
+            self._level0[y0:y1, x0 : x0 + raster.shape[1]] = raster
+            for sink in self._sinks:
+                sink.push(raster, y0, x0)
 
     def close(self) -> None:
         """Write all remaining bands, pyramid rows and table rows; rename into place."""
@@ -312,8 +338,6 @@ class LabelZarrWriter(AbortOnError):
 
     def _finish(self) -> None:
         self._flush_bands(self.height_l0)
-        for sink in self._sinks:
-            sink.flush()
         self._table.flush()
         self._pending = []
         self._open = False
