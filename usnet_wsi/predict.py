@@ -153,7 +153,7 @@ def predict_image(predictor: Predictor, rgb: np.ndarray, batch_size: int = 8,
     the way the OME-Zarr label image is). Returns (uint32 labels, {label: score})."""
     from usnet_wsi.engine import EngineSettings, segment_nuclei
     from usnet_wsi.tiling import plan_tiles
-    from usnet_wsi.writers.zarr import rasterize_into
+    from usnet_wsi.geometry import fill_polygon
     h, w = rgb.shape[:2]
     plan = plan_tiles((0, 0, w, h), predictor.mpp, predictor.mpp, predictor.tile_px,
                       predictor.halo_px)
@@ -163,6 +163,6 @@ def predict_image(predictor: Predictor, rgb: np.ndarray, batch_size: int = 8,
     scores: dict[int, float] = {}
     for nucleus in segment_nuclei(ImageReader(rgb), plan, predictor, settings):
         label = len(scores) + 1
-        rasterize_into(labels, nucleus.polygon_l0, label)
+        fill_polygon(labels, nucleus.polygon_l0, label)
         scores[label] = nucleus.score
     return labels, scores
