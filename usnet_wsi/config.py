@@ -105,6 +105,7 @@ class SegmentConfig:
     workers: int = 2                      # region-reader threads (and post-processing threads)
     geojson_gz: bool = False
     overwrite: bool = False
+    strict: bool = False                  # an unreadable tile fails the slide (else skipped)
     iou_threshold: float = 0.3            # cross-tile duplicate rule (polygon IoU)
     argv: tuple[str, ...] = ()            # the command line, recorded in run.json
 

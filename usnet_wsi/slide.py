@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -374,6 +375,8 @@ class Slide:
 
     def __init__(self, source: Any, info: SlideInfo) -> None:
         self._src = source        # _OpenSlideSource or flat.FlatImage
+        self._retired: list[Any] = []
+        self._lock = threading.Lock()
         self.info = info
 
     def __enter__(self) -> "Slide":
@@ -384,9 +387,24 @@ class Slide:
 
     def close(self) -> None:
         """Release the file handle (idempotent)."""
+        for src in self._retired:
+            src.close()
+        self._retired = []
         if self._src is not None:
             self._src.close()
             self._src = None
+
+    def reopen(self) -> None:
+        """Open the file again for later reads (OpenSlide refuses every read after one error).
+        The old handle is closed with the slide: other threads may still be using it."""
+        fresh = _open_source(Path(self.info.path))
+        with self._lock:
+            self._retired.append(self._src)
+            self._src = fresh
+
+    def fresh(self) -> "Slide":
+        """A second, private handle on the same file (close it after use)."""
+        return Slide(_open_source(Path(self.info.path)), self.info)
 
     def __repr__(self) -> str:
         i = self.info
@@ -413,6 +431,14 @@ class Slide:
         if x1 <= x0 or y1 <= y0 or w <= 0 or h <= 0:
             raise ValueError(f"read_region: empty box {box_l0} or output size {out_size}")
         return self._read(float(x0), float(y0), float(x1), float(y1), w, h)
+
+    def read_region_f(self, box_l0: tuple[float, float, float, float],
+                      out_size: tuple[int, int]) -> np.ndarray:
+        """`read_region` with fractional level-0 box edges."""
+        x0, y0, x1, y1 = (float(v) for v in box_l0)
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"read_region: empty box {box_l0}")
+        return self._read(x0, y0, x1, y1, int(out_size[0]), int(out_size[1]))
 
     def _read(self, x0: float, y0: float, x1: float, y1: float, w: int, h: int) -> np.ndarray:
         """Core reader; float level-0 box edges (thumbnail bands use fractional edges).
@@ -459,3 +485,63 @@ class Slide:
             r1 = min(th, r0 + rows_per_band)
             bands.append(self._read(0.0, r0 * sy, float(W), r1 * sy, tw, r1 - r0))
         return np.concatenate(bands, axis=0), scale
+
+
+class IsotropicView:
+    """Geometry of a slide with non-square pixels seen on a square grid: x is stretched by
+    `fx`, y by `fy`, so that one view pixel is `mpp` microns on both axes (the finer of mpp_x
+    and mpp_y). `l0_box` and `to_l0` map view coordinates back to level 0."""
+
+    def __init__(self, mpp_x: float, mpp_y: float) -> None:
+        self.mpp = min(mpp_x, mpp_y)
+        self.fx, self.fy = mpp_x / self.mpp, mpp_y / self.mpp
+
+    def size(self, width_l0: int, height_l0: int) -> tuple[int, int]:
+        return math.ceil(width_l0 * self.fx), math.ceil(height_l0 * self.fy)
+
+    def l0_box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = box
+        return (x0 / self.fx, y0 / self.fy, x1 / self.fx, y1 / self.fy)
+
+    def to_l0(self, xy: np.ndarray) -> np.ndarray:
+        return np.asarray(xy, dtype=np.float64) / (self.fx, self.fy)
+
+
+class TolerantReader:
+    """The region reader `segment` hands to the engine: a read that fails is retried once on a
+    fresh handle; if that fails too the tile is white (it holds no nuclei) and the failure is
+    recorded in `failures` (level-0 box and reason). With `strict` the error is raised instead.
+    With a `view`, boxes are in the view's square-pixel frame.
+    """
+
+    def __init__(self, slide: "Slide", strict: bool = False,
+                 view: IsotropicView | None = None) -> None:
+        self.slide, self.strict, self.view = slide, strict, view
+        self.failures: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def _read(self, slide: "Slide", box: tuple[int, int, int, int],
+              out_size: tuple[int, int]) -> np.ndarray:
+        if self.view is None:
+            return slide.read_region(box, out_size)
+        return slide.read_region_f(self.view.l0_box(box), out_size)
+
+    def read_region(self, box: tuple[int, int, int, int],
+                    out_size: tuple[int, int]) -> np.ndarray:
+        try:
+            return self._read(self.slide, box, out_size)
+        except SlideError:
+            pass
+        try:
+            self.slide.reopen()                    # later tiles read from a clean handle
+            with self.slide.fresh() as private:    # a second failure cannot spoil it
+                return self._read(private, box, out_size)
+        except SlideError as err:
+            if self.strict:
+                raise
+            l0 = box if self.view is None else self.view.l0_box(box)
+            with self._lock:
+                self.failures.append({"box_l0": [round(float(v), 1) for v in l0],
+                                      "error": err.message})
+        w, h = out_size
+        return np.full((int(h), int(w), 3), 255, np.uint8)
