@@ -3,8 +3,9 @@
     python child.py MODE segment SLIDE -o OUT ...
 
 MODE: "plain"; "slow" (each model batch takes 0.5 s longer); "die-in-swap" (the process dies,
-as with kill -9, right after the new zarr is renamed into place).
-Slides must be the 360 x 300 px, 0.5 um/px slides of `nuclei()` below.
+as with kill -9, right after the new zarr is renamed into place); "empty" (a model that finds
+nothing, for any slide). Slides must otherwise be the 360 x 300 px, 0.5 um/px slides of
+`nuclei()` below. With USNET_TEST_LIMIT_GB set, the address space is limited to that (GiB).
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ class Slow(OraclePredictor):
 
 def main() -> None:
     mode, args = sys.argv[1], sys.argv[2:]
+    if os.environ.get("USNET_TEST_LIMIT_GB"):
+        import resource
+
+        limit = int(float(os.environ["USNET_TEST_LIMIT_GB"]) * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     cls = Slow if mode == "slow" else OraclePredictor
+    found = [] if mode == "empty" else nuclei()
     import usnet_wsi.predict
 
     usnet_wsi.predict.load_predictor = lambda weights=None, device="auto": cls(
-        nuclei(), W, H, MPP, TILE, HALO)
+        found, W, H, MPP, TILE, HALO, check_pixels=mode != "empty")
     if mode == "die-in-swap":
         real = os.replace
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import warnings
 import xml.etree.ElementTree as ET
@@ -30,6 +31,7 @@ from usnet_wsi.errors import SlideError
 _UM_PER = {"m": 1e6, "mm": 1e3, "cm": 1e4, "µm": 1.0, "um": 1.0, "μm": 1.0, "micron": 1.0,
            "nm": 1e-3}
 _TIFF_UNITS = {2: "inch", 3: "centimeter"}
+_MAX_CHUNK_BYTES = 512 << 20      # a strip or tile larger than this is refused (memory)
 _TOO_BIG_HINT = ("convert it to a tiled TIFF, which is read in parts: e.g. `vips tiffsave in.png "
                  "out.tif --tile --pyramid --compression jpeg`")
 
@@ -94,12 +96,14 @@ def to_rgb8(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 class _TiffLevels:
-    """Reads regions of each level of a tifffile series through its Zarr store."""
+    """Reads regions of each level of a tifffile series: memory-mapped when the pixels are
+    stored uncompressed in one piece, else through tifffile's Zarr store (strip by strip,
+    tile by tile)."""
 
     def __init__(self, tf: tifffile.TiffFile, series: Any, path: Path) -> None:
         self._tf, self.path = tf, path
         self._axes = [lvl.axes for lvl in series.levels]
-        self._stores = [lvl.aszarr() for lvl in series.levels]
+        self._stores = [_level_store(path, lvl, i) for i, lvl in enumerate(series.levels)]
 
     def read(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         from tifffile.zarr import zarr_selection
@@ -108,7 +112,11 @@ class _TiffLevels:
         sel = tuple(slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X"
                     else slice(None) if a in "SC" else 0 for a in axes)
         kept = [a for a in axes if a in "YXSC"]
-        part = np.asarray(zarr_selection(self._stores[level], sel, close=False))
+        store = self._stores[level]
+        if isinstance(store, _Contiguous):
+            part = store[sel]
+        else:
+            part = np.asarray(zarr_selection(store, sel, close=False))
         if len(kept) == 3 and kept[0] in "SC":       # planar: channels first
             part = np.moveaxis(part, 0, -1)
         return to_rgb8(part, self.path)
@@ -116,7 +124,43 @@ class _TiffLevels:
     def close(self) -> None:
         for store in self._stores:
             store.close()
+        self._stores = []
         self._tf.close()
+
+
+class _Contiguous:
+    """Uncompressed, interleaved pixels stored in one piece: each row's part read with pread
+    (neither the image nor a memory map of it is held)."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: Any) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self.offset, self.shape, self.dtype = offset, shape, np.dtype(dtype)
+
+    def __getitem__(self, sel: tuple) -> np.ndarray:
+        ys, xs = sel[0], sel[1]
+        h, w, spp = self.shape
+        px = spp * self.dtype.itemsize
+        rows = [os.pread(self._fd, (xs.stop - xs.start) * px,
+                         self.offset + (y * w + xs.start) * px) for y in range(ys.start, ys.stop)]
+        return np.frombuffer(b"".join(rows), self.dtype).reshape(len(rows), -1, spp)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _level_store(path: Path, level: Any, index: int) -> Any:
+    """Where a level's pixels are read from: `_Contiguous` for uncompressed interleaved data in
+    one piece, else tifffile's Zarr store; SlideError when one stored piece (strip or tile) is
+    too large to decode at once."""
+    page = level.keyframe
+    if level.dataoffset is not None and level.axes in ("YXS", "YX"):
+        shape = tuple(level.shape) + (() if level.axes == "YXS" else (1,))
+        return _Contiguous(path, int(level.dataoffset), shape, level.dtype)
+    chunk = page.chunks if hasattr(page, "chunks") else page.shape
+    if int(np.prod(chunk)) * page.dtype.itemsize > _MAX_CHUNK_BYTES:
+        raise SlideError(f"{path} stores its pixels in pieces of {np.prod(chunk) >> 20} MB that "
+                         "must each be decoded whole", _TOO_BIG_HINT)
+    return level.aszarr()
 
 
 class _PillowLevels:

@@ -96,9 +96,10 @@ def prepare_out_dir(out_dir: Path) -> bool:
     return created
 
 
-def find_tissue(slide: Slide) -> Tissue:
-    """Thumbnail of the slide and its tissue mask."""
-    thumb, scale = slide.thumbnail(THUMBNAIL_MAX_SIDE)
+def find_tissue(slide: Slide, reader: TolerantReader | None = None) -> Tissue:
+    """Thumbnail of the slide and its tissue mask; with a `reader`, unreadable parts of the
+    thumbnail are retried, then white, and recorded in `reader.failures`."""
+    thumb, scale = (reader or slide).thumbnail(THUMBNAIL_MAX_SIDE)
     return Tissue(thumb=thumb, scale=scale, mask=tissue_mask(thumb))
 
 
@@ -246,13 +247,14 @@ def segment_slide(path: str | Path, cfg: SegmentConfig, predictor: PredictorSour
         model = _resolve(predictor)
         times = StageTimes()
         t0 = time.perf_counter()
-        tissue = find_tissue(slide)
+        reader = region_reader(slide, cfg.strict)
+        tissue = find_tissue(slide, reader)
         plan = plan_slide(slide, cfg.slide, tissue, model.tile_px, model.halo_px, model.mpp)
         times.add("tissue_and_plan", time.perf_counter() - t0)
         _warn_if_empty(plan, tissue, cfg, info.name, reporter)
         reporter.debug(f"{info.name}: {len(plan.tiles)} of {plan.n_grid} tiles, read box "
                        f"{plan.read_size_l0} l0 px, core {plan.core_size_l0} l0 px")
-        run = _Run(slide, plan, model, cfg, paths, tissue, times, started, identity)
+        run = _Run(slide, plan, model, cfg, paths, tissue, times, started, identity, reader)
         counts = _write_outputs(run, reporter, t_start)
     seconds = time.perf_counter() - t_start
     reporter.info(f"{info.name}: {counts.nuclei} nuclei from {counts.tiles} tiles in "
@@ -288,11 +290,8 @@ class _Run:
     times: StageTimes
     started: str
     identity: dict[str, Any]
-    reader: TolerantReader = field(init=False)
+    reader: TolerantReader
     counts: EngineCounts = field(default_factory=EngineCounts)
-
-    def __post_init__(self) -> None:
-        self.reader = region_reader(self.slide, self.cfg.strict)
 
 
 def _warn_if_empty(plan: TilePlan, tissue: Tissue, cfg: SegmentConfig, name: str,

@@ -467,10 +467,12 @@ class Slide:
         img = Image.fromarray(rgb).resize((w, h), Image.Resampling.LANCZOS, box=box)
         return np.asarray(img)
 
-    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_side: int = 2048,
+                  read: Any = None) -> tuple[np.ndarray, float]:
         """(uint8 RGB image whose longer side is <= max_side, scale = thumbnail px per level-0 px).
 
-        Never upsamples (scale <= 1). Reads in bands so that single-level slides stay in memory.
+        Never upsamples (scale <= 1). Reads in bands so that single-level slides stay in memory;
+        `read(box_l0, out_size)`, when given, reads each band (a `TolerantReader`'s).
         """
         if max_side < 1:
             raise ValueError(f"thumbnail: max_side must be >= 1, got {max_side}")
@@ -483,7 +485,8 @@ class Slide:
         bands = []
         for r0 in range(0, th, rows_per_band):
             r1 = min(th, r0 + rows_per_band)
-            bands.append(self._read(0.0, r0 * sy, float(W), r1 * sy, tw, r1 - r0))
+            box = (0.0, r0 * sy, float(W), r1 * sy)
+            bands.append(read(box, (tw, r1 - r0)) if read else self._read(*box, tw, r1 - r0))
         return np.concatenate(bands, axis=0), scale
 
 
@@ -520,28 +523,65 @@ class TolerantReader:
         self.failures: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
-    def _read(self, slide: "Slide", box: tuple[int, int, int, int],
+    def _read(self, slide: "Slide", box: tuple[float, float, float, float],
               out_size: tuple[int, int]) -> np.ndarray:
-        if self.view is None:
-            return slide.read_region(box, out_size)
-        return slide.read_region_f(self.view.l0_box(box), out_size)
+        if self.view is None and all(float(v).is_integer() for v in box):
+            return slide.read_region(tuple(int(v) for v in box), out_size)  # type: ignore
+        l0 = box if self.view is None else self.view.l0_box(box)
+        return slide.read_region_f(l0, out_size)
 
-    def read_region(self, box: tuple[int, int, int, int],
-                    out_size: tuple[int, int]) -> np.ndarray:
+    def _twice(self, box: tuple[float, float, float, float],
+               out_size: tuple[int, int]) -> np.ndarray:
+        """Read; on a SlideError reopen the file and read again on a private handle."""
         try:
             return self._read(self.slide, box, out_size)
         except SlideError:
             pass
-        try:
-            self.slide.reopen()                    # later tiles read from a clean handle
-            with self.slide.fresh() as private:    # a second failure cannot spoil it
-                return self._read(private, box, out_size)
-        except SlideError as err:
-            if self.strict:
-                raise
-            l0 = box if self.view is None else self.view.l0_box(box)
-            with self._lock:
-                self.failures.append({"box_l0": [round(float(v), 1) for v in l0],
-                                      "error": err.message})
+        self.slide.reopen()                    # later tiles read from a clean handle
+        with self.slide.fresh() as private:    # a second failure cannot spoil it
+            return self._read(private, box, out_size)
+
+    def _skip(self, box: tuple[float, float, float, float], out_size: tuple[int, int],
+              err: SlideError) -> np.ndarray:
+        if self.strict:
+            raise err
+        l0 = box if self.view is None else self.view.l0_box(box)
+        with self._lock:
+            self.failures.append({"box_l0": [round(float(v), 1) for v in l0],
+                                  "error": err.message})
         w, h = out_size
         return np.full((int(h), int(w), 3), 255, np.uint8)
+
+    def read_region(self, box: tuple[float, float, float, float],
+                    out_size: tuple[int, int]) -> np.ndarray:
+        try:
+            return self._twice(box, out_size)
+        except SlideError as err:
+            return self._skip(box, out_size, err)
+
+    def read_parts(self, box: tuple[float, float, float, float], out_size: tuple[int, int],
+                   min_side: int = 32) -> np.ndarray:
+        """`read_region` for a large box: an unreadable box is halved (longer side) until the
+        readable parts are read and the unreadable ones, at most `min_side` px, are white."""
+        try:
+            return self._twice(box, out_size)
+        except SlideError as err:
+            w, h = out_size
+            if max(w, h) <= min_side or self.strict:
+                return self._skip(box, out_size, err)
+        x0, y0, x1, y1 = box
+        if w >= h:
+            k, xm = w // 2, x0 + (x1 - x0) * (w // 2) / w
+            parts = [self.read_parts((x0, y0, xm, y1), (k, h), min_side),
+                     self.read_parts((xm, y0, x1, y1), (w - k, h), min_side)]
+            return np.concatenate(parts, axis=1)
+        k, ym = h // 2, y0 + (y1 - y0) * (h // 2) / h
+        parts = [self.read_parts((x0, y0, x1, ym), (w, k), min_side),
+                 self.read_parts((x0, ym, x1, y1), (w, h - k), min_side)]
+        return np.concatenate(parts, axis=0)
+
+    def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
+        """The slide's thumbnail, its bands read with `read_parts` (level-0 frame)."""
+        plain = TolerantReader(self.slide, self.strict)
+        plain.failures, plain._lock = self.failures, self._lock
+        return self.slide.thumbnail(max_side, read=plain.read_parts)

@@ -6,7 +6,7 @@ keeps blank glass empty, the ceiling keeps a thumbnail that is all tissue from b
 two), or when it is dark (mean optical density > 0.3: grey, heavily stained or folded tissue).
 Not tissue, whatever the above says: black and near-black pixels (brightest channel below
 50: slide padding, black ink, scanner faults) and saturated pen colours outside the H&E hues
-(yellow, green, cyan and blue ink: hue 0.12-0.62 with saturation above 0.3).
+(yellow, green, cyan and blue ink: hue 0.12-0.65 with saturation above 0.3).
 The mask is then cleaned: small specks removed, gaps bridged, small holes filled.
 """
 
@@ -22,7 +22,7 @@ SAT_FLOOR = 0.05
 SAT_CEILING = 0.15
 OD_DARK = 0.3
 BLACK_MAX = 50                 # brightest channel below this: black, not tissue
-PEN_HUES = (0.12, 0.62)        # yellow .. blue; H&E is pink (~0.9) to purple (~0.75)
+PEN_HUES = (0.12, 0.65)        # yellow .. blue; H&E is pink (~0.9) to purple (~0.75)
 PEN_SATURATION = 0.3
 
 
