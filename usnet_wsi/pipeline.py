@@ -259,15 +259,19 @@ def segment_slide(path: str | Path, cfg: SegmentConfig, predictor: PredictorSour
     seconds = time.perf_counter() - t_start
     reporter.info(f"{info.name}: {counts.nuclei} nuclei from {counts.tiles} tiles in "
                   f"{seconds:.1f} s")
-    _warn_unreadable(run.reader.failures, info.name, paths, reporter)
+    _warn_unreadable(run.reader, info.name, paths, reporter)
     note = f"{len(run.reader.failures)} unreadable tiles skipped" if run.reader.failures else ""
     return SlideResult(str(path), info.name, "done", nuclei=counts.nuclei, tiles=counts.tiles,
                        seconds=round(seconds, 3), outputs=[str(p) for p in paths.all()],
                        message=note, unreadable_tiles=len(run.reader.failures))
 
 
-def _warn_unreadable(failures: list[dict[str, Any]], name: str, paths: OutputPaths,
+def _warn_unreadable(reader: TolerantReader, name: str, paths: OutputPaths,
                      reporter: Reporter) -> None:
+    failures, thumb = reader.failures, reader.thumbnail_failures
+    if thumb:
+        reporter.warn(f"{name}: {len(thumb)} part(s) of the thumbnail could not be read; the "
+                      f"tissue mask treats them as glass (listed in {paths.run_json.name})")
     if not failures:
         return
     where = "; ".join("x={},y={}".format(*(round(v) for v in f["box_l0"][:2]))
@@ -409,6 +413,7 @@ def _run_record(run: _Run, geo: GeoJSONWriter, stage: Stage) -> dict[str, Any]:
                    "geojson_features": geo.n_written, "geojson_skipped": geo.n_skipped,
                    "merge": counts.merge},
         "unreadable_tiles": list(run.reader.failures),
+        "unreadable_thumbnail_parts": list(run.reader.thumbnail_failures),
         "outputs": {"geojson": paths.geojson.name, "zarr": paths.zarr.name,
                     "overview": paths.overview.name, "run_json": paths.run_json.name},
         "manifest": _manifest(run, stage),

@@ -520,7 +520,8 @@ class TolerantReader:
     def __init__(self, slide: "Slide", strict: bool = False,
                  view: IsotropicView | None = None) -> None:
         self.slide, self.strict, self.view = slide, strict, view
-        self.failures: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []            # tiles
+        self.thumbnail_failures: list[dict[str, Any]] = []  # parts of the thumbnail
         self._lock = threading.Lock()
 
     def _read(self, slide: "Slide", box: tuple[float, float, float, float],
@@ -581,7 +582,8 @@ class TolerantReader:
         return np.concatenate(parts, axis=0)
 
     def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
-        """The slide's thumbnail, its bands read with `read_parts` (level-0 frame)."""
+        """The slide's thumbnail, its bands read with `read_parts` (level-0 frame); what could
+        not be read is in `thumbnail_failures`."""
         plain = TolerantReader(self.slide, self.strict)
-        plain.failures, plain._lock = self.failures, self._lock
+        plain.failures = self.thumbnail_failures
         return self.slide.thumbnail(max_side, read=plain.read_parts)
