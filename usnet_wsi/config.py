@@ -35,17 +35,21 @@ def check_positive_int(value: Any, option: str, example: int, maximum: int = 1 <
     return value
 
 
+MPP_RANGE = (0.05, 5.0)   # microns per pixel that a slide can plausibly have
+
+
 def check_mpp(mpp: Any) -> float | None:
-    """None, or a finite number > 0 (microns per level-0 pixel)."""
+    """None, or a number within MPP_RANGE (microns per level-0 pixel)."""
     if mpp is None:
         return None
     try:
         value = float(mpp)
     except (TypeError, ValueError):
         value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise UsageError(f"--mpp {mpp!r} must be a finite number > 0 (microns per pixel)",
-                         "e.g. --mpp 0.25 for a 40x scan, --mpp 0.5 for 20x")
+    lo, hi = MPP_RANGE
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise UsageError(f"--mpp {mpp!r} is outside the plausible range {lo:g}-{hi:g} microns "
+                         "per pixel", "e.g. --mpp 0.25 for a 40x scan, --mpp 0.5 for 20x")
     return value
 
 
@@ -101,6 +105,7 @@ class SegmentConfig:
     workers: int = 2                      # region-reader threads (and post-processing threads)
     geojson_gz: bool = False
     overwrite: bool = False
+    strict: bool = False                  # an unreadable tile fails the slide (else skipped)
     iou_threshold: float = 0.3            # cross-tile duplicate rule (polygon IoU)
     argv: tuple[str, ...] = ()            # the command line, recorded in run.json
 

@@ -47,14 +47,14 @@ class Reporter:
 
     def info(self, msg: str) -> None:
         if self.verbosity >= 1:
-            console().print(msg, markup=False)
+            console().print(msg, markup=False, soft_wrap=True)
 
     def warn(self, msg: str) -> None:
-        console().print(f"warning: {msg}", style="yellow", markup=False)
+        console().print(f"warning: {msg}", style="yellow", markup=False, soft_wrap=True)
 
     def debug(self, msg: str) -> None:
         if self.verbosity >= 2:
-            console().print(msg, style="dim", markup=False)
+            console().print(msg, style="dim", markup=False, soft_wrap=True)
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:

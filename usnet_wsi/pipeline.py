@@ -7,11 +7,10 @@ engine, stream the writers, record run.json; skip complete outputs unless asked 
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import os
 import shlex
-import shutil
 import tempfile
 import time
 from array import array
@@ -29,11 +28,13 @@ from usnet_wsi.engine import (EngineCounts, EngineSettings, MergedStep, StageTim
                               merged_nuclei)
 from usnet_wsi.errors import OutputError
 from usnet_wsi.measure import nucleus_measurements
+from usnet_wsi import __version__
 from usnet_wsi.nuclei import Nucleus
-from usnet_wsi.slide import Slide, open_slide
+from usnet_wsi.outputs import (OutputPaths, Stage, check_name_length, fingerprint_file,
+                               identity_changes, manifest_problem, output_paths, read_record)
+from usnet_wsi.slide import IsotropicView, Slide, TolerantReader, open_slide
 from usnet_wsi.tiling import TilePlan, plan_tiles, roi_from_xywh
 from usnet_wsi.tissue import tissue_mask
-from usnet_wsi.writers.atomic import outputs_complete
 from usnet_wsi.writers.background import BackgroundWriter
 from usnet_wsi.writers.geojson import GeoJSONWriter
 from usnet_wsi.writers.overview import write_overview
@@ -46,27 +47,6 @@ if TYPE_CHECKING:  # pragma: no cover - predict.py imports torch
 PredictorSource = Union["Predictor", Callable[[], "Predictor"]]
 THUMBNAIL_MAX_SIDE = 2048
 THUMBNAIL_MIN_UM_PER_PX = 4.0     # tissue detection needs no finer thumbnail than 2.5x
-
-
-@dataclass(frozen=True)
-class OutputPaths:
-    """The outputs of one slide in OUTDIR, named after the slide."""
-
-    geojson: Path
-    zarr: Path
-    overview: Path
-    run_json: Path
-
-    def all(self) -> tuple[Path, ...]:
-        return (self.geojson, self.zarr, self.overview, self.run_json)
-
-
-def output_paths(out_dir: Path, name: str, geojson_gz: bool) -> OutputPaths:
-    """OUTDIR/NAME.geojson[.gz], NAME.zarr, NAME.overview.png, NAME.run.json."""
-    d = Path(out_dir)
-    return OutputPaths(geojson=d / f"{name}.geojson{'.gz' if geojson_gz else ''}",
-                       zarr=d / f"{name}.zarr", overview=d / f"{name}.overview.png",
-                       run_json=d / f"{name}.run.json")
 
 
 @dataclass
@@ -82,6 +62,7 @@ class SlideResult:
     outputs: list[str] = field(default_factory=list)
     message: str = ""
     exit_code: int = 0
+    unreadable_tiles: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -125,23 +106,53 @@ def thumbnail_side(width_l0: int, height_l0: int, mpp: float) -> int:
     return max(64, min(THUMBNAIL_MAX_SIDE, math.ceil(side_um / THUMBNAIL_MIN_UM_PER_PX)))
 
 
-def find_tissue(slide: Slide) -> Tissue:
-    """Thumbnail of the slide and its tissue mask."""
+def find_tissue(slide: Slide, reader: TolerantReader | None = None) -> Tissue:
+    """Thumbnail of the slide and its tissue mask; with a `reader`, unreadable parts of the
+    thumbnail are retried, then white, and recorded in `reader.failures`."""
     info = slide.info
     side = thumbnail_side(info.width, info.height, min(info.mpp_x, info.mpp_y))
-    thumb, scale = slide.thumbnail(side)
+    thumb, scale = (reader or slide).thumbnail(side)
     return Tissue(thumb=thumb, scale=scale, mask=tissue_mask(thumb))
+
+
+def slide_view(slide: Slide) -> IsotropicView | None:
+    """The square-pixel view of a slide whose pixels are not square (None when they are)."""
+    info = slide.info
+    return None if math.isclose(info.mpp_x, info.mpp_y, rel_tol=1e-3) else \
+        IsotropicView(info.mpp_x, info.mpp_y)
+
+
+def region_reader(slide: Slide, strict: bool = False) -> TolerantReader:
+    """What the engine reads tiles through: retries and skips unreadable regions, and reads
+    in the square-pixel frame of `plan_slide`."""
+    return TolerantReader(slide, strict=strict, view=slide_view(slide))
 
 
 def plan_slide(slide: Slide, opts: SlideOptions, tissue: Tissue, tile_px: int, halo_px: int,
                mpp_model: float) -> TilePlan:
-    """Tiles over the ROI (whole slide by default), tissue tiles only unless disabled."""
+    """Tiles over the ROI (whole slide by default), tissue tiles only unless disabled.
+    For non-square pixels the plan is in the frame of `slide_view` (square pixels)."""
     info = slide.info
     roi_l0 = roi_from_xywh(opts.roi_xywh, info.width, info.height)
-    mpp_l0 = (info.mpp_x + info.mpp_y) / 2
-    mask = tissue.mask if opts.tissue_mask else None
-    return plan_tiles(roi_l0, mpp_l0, mpp_model, tile_px, halo_px, tissue=mask,
-                      tissue_scale=tissue.scale)
+    view, mask = slide_view(slide), tissue.mask
+    mpp_plan = (info.mpp_x + info.mpp_y) / 2
+    if view is not None:
+        x0, y0, x1, y1 = roi_l0
+        roi_l0 = (math.floor(x0 * view.fx), math.floor(y0 * view.fy),
+                  math.ceil(x1 * view.fx), math.ceil(y1 * view.fy))
+        mpp_plan, mask = view.mpp, _stretch(mask, view)
+    return plan_tiles(roi_l0, mpp_plan, mpp_model, tile_px, halo_px,
+                      tissue=mask if opts.tissue_mask else None, tissue_scale=tissue.scale)
+
+
+def _stretch(mask: np.ndarray, view: IsotropicView) -> np.ndarray:
+    """The tissue mask resampled (nearest) into the view's frame, same scale."""
+    from PIL import Image
+
+    h, w = mask.shape
+    size = (max(1, round(w * view.fx)), max(1, round(h * view.fy)))
+    img = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+    return np.asarray(img) > 0
 
 
 def slide_summary(slide: Slide, opts: SlideOptions, tile_px: int, halo_px: int,
@@ -154,7 +165,7 @@ def slide_summary(slide: Slide, opts: SlideOptions, tile_px: int, halo_px: int,
     d.pop("properties")
     d.update({
         "tissue_area_mm2": round(tissue.area_mm2(info.mpp_x, info.mpp_y), 4),
-        "roi_l0": list(plan.roi_l0),
+        "roi_l0": list(roi_from_xywh(opts.roi_xywh, info.width, info.height)),
         "tissue_mask": opts.tissue_mask,
         "tiles": len(plan.tiles),
         "tiles_in_grid": plan.n_grid,
@@ -163,23 +174,69 @@ def slide_summary(slide: Slide, opts: SlideOptions, tile_px: int, halo_px: int,
     return d
 
 
-def previous_fingerprint(paths: OutputPaths) -> str | None:
-    """The slide fingerprint recorded in an existing run.json (None if unreadable)."""
-    try:
-        return json.loads(paths.run_json.read_text(encoding="utf-8"))["slide"]["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+def weights_id(weights: Path | None) -> str:
+    """sha256 of the bundle's config.json (which holds the weights' SHA-256) and thresholds."""
+    if weights is None:
+        from usnet_wsi.model.bundle import default_bundle_path   # lazy: imports torch
+
+        weights = default_bundle_path()
+    folder = Path(weights)
+    folder = folder.parent if folder.is_file() else folder
+    h = hashlib.sha256()
+    for name in ("config.json", "thresholds.json"):
+        try:
+            h.update((folder / name).read_bytes())
+        except OSError:
+            h.update(f"missing:{folder / name}".encode())
+    return h.hexdigest()
+
+
+def output_identity(slide: Slide, cfg: SegmentConfig) -> dict[str, Any]:
+    """Everything that changes a slide's outputs; a set made with another identity is not
+    skipped."""
+    info, roi = slide.info, cfg.slide.roi_xywh
+    return {"usnet_wsi_version": __version__, "slide_fingerprint": info.fingerprint,
+            "mpp_x": info.mpp_x, "mpp_y": info.mpp_y,
+            "roi_xywh": None if roi is None else list(roi), "tissue_mask": cfg.slide.tissue_mask,
+            "weights": weights_id(cfg.weights), "iou_threshold": cfg.iou_threshold,
+            "geojson_gz": cfg.geojson_gz}
+
+
+def _previous(slide: Slide, paths: OutputPaths, cfg: SegmentConfig, identity: dict[str, Any],
+              reporter: Reporter) -> SlideResult | None:
+    """A 'skipped' result when the outputs of this very run already exist and match their
+    run.json; None when the slide is to be (re)done; OutputError when complete outputs made
+    otherwise exist and --overwrite is off."""
+    name, record = slide.info.name, read_record(paths.run_json)
+    if record is None:
+        if any(os.path.lexists(p) for p in paths.all() + (paths.other_geojson(),)):
+            reporter.info(f"{name}: earlier outputs in {cfg.out_dir} are incomplete (no readable "
+                          "run.json); redoing them")
         return None
-
-
-def _check_skip(slide: Slide, paths: OutputPaths, cfg: SegmentConfig) -> bool:
-    """True when complete outputs of this very slide exist and --overwrite is off."""
-    if cfg.overwrite or not outputs_complete(paths.all()):
-        return False
-    if previous_fingerprint(paths) != slide.info.fingerprint:
-        raise OutputError(f"{paths.run_json} belongs to another slide named "
-                          f"{slide.info.name!r} (different fingerprint)",
+    problem = manifest_problem(record, paths.run_json.parent)
+    if problem:
+        reporter.info(f"{name}: earlier outputs do not match their run.json ({problem}); "
+                      "redoing them")
+        return None
+    if cfg.overwrite:
+        return None
+    fp = (record.get("slide") or {}).get("fingerprint")
+    if fp != slide.info.fingerprint:
+        raise OutputError(f"{paths.run_json} belongs to another slide named {name!r} "
+                          "(different fingerprint)",
                           "write to another folder with -o, or replace them with --overwrite")
-    return True
+    changes = identity_changes(record.get("identity"), identity)
+    if changes:
+        raise OutputError(f"outputs of {name} in {cfg.out_dir} were made with other settings "
+                          f"({'; '.join(changes)}); they are kept",
+                          "add --overwrite to replace them, or write to another folder with -o")
+    counts = record.get("counts") or {}
+    reporter.info(f"{name}: skipped, complete outputs with the same settings exist in "
+                  f"{cfg.out_dir} (use --overwrite to redo)")
+    return SlideResult(str(slide.info.path), name, "skipped", nuclei=int(counts.get("nuclei", 0)),
+                       tiles=int(counts.get("tiles", 0)), message="outputs exist",
+                       outputs=[str(p) for p in paths.all()],
+                       unreadable_tiles=len(record.get("unreadable_tiles") or []))
 
 
 def _resolve(predictor: PredictorSource) -> "Predictor":
@@ -194,27 +251,63 @@ def segment_slide(path: str | Path, cfg: SegmentConfig, predictor: PredictorSour
     with open_slide(path, cfg.slide.mpp, reporter) as slide:
         info = slide.info
         paths = output_paths(cfg.out_dir, info.name, cfg.geojson_gz)
-        if _check_skip(slide, paths, cfg):
-            reporter.info(f"{info.name}: skipped, complete outputs exist in {cfg.out_dir} "
-                          "(use --overwrite to redo)")
-            return SlideResult(str(path), info.name, "skipped", message="outputs exist",
-                               outputs=[str(p) for p in paths.all()])
+        check_name_length(paths)
+        identity = output_identity(slide, cfg)
+        skipped = _previous(slide, paths, cfg, identity, reporter)
+        if skipped is not None:
+            return skipped
         model = _resolve(predictor)
         times = StageTimes()
         t0 = time.perf_counter()
-        tissue = find_tissue(slide)
+        reader = region_reader(slide, cfg.strict)
+        tissue = find_tissue(slide, reader)
         plan = plan_slide(slide, cfg.slide, tissue, model.tile_px, model.halo_px, model.mpp)
         times.add("tissue_and_plan", time.perf_counter() - t0)
         _warn_if_empty(plan, tissue, cfg, info.name, reporter)
         reporter.debug(f"{info.name}: {len(plan.tiles)} of {plan.n_grid} tiles, read box "
                        f"{plan.read_size_l0} l0 px, core {plan.core_size_l0} l0 px")
-        counts = _write_outputs(slide, plan, model, cfg, paths, tissue, reporter, times,
-                                started, t_start)
+        run = _Run(slide, plan, model, cfg, paths, tissue, times, started, identity, reader)
+        counts = _write_outputs(run, reporter, t_start)
     seconds = time.perf_counter() - t_start
     reporter.info(f"{info.name}: {counts.nuclei} nuclei from {counts.tiles} tiles in "
                   f"{seconds:.1f} s")
+    _warn_unreadable(run.reader, info.name, paths, reporter)
+    note = f"{len(run.reader.failures)} unreadable tiles skipped" if run.reader.failures else ""
     return SlideResult(str(path), info.name, "done", nuclei=counts.nuclei, tiles=counts.tiles,
-                       seconds=round(seconds, 3), outputs=[str(p) for p in paths.all()])
+                       seconds=round(seconds, 3), outputs=[str(p) for p in paths.all()],
+                       message=note, unreadable_tiles=len(run.reader.failures))
+
+
+def _warn_unreadable(reader: TolerantReader, name: str, paths: OutputPaths,
+                     reporter: Reporter) -> None:
+    failures, thumb = reader.failures, reader.thumbnail_failures
+    if thumb:
+        reporter.warn(f"{name}: {len(thumb)} part(s) of the thumbnail could not be read; the "
+                      f"tissue mask treats them as glass (listed in {paths.run_json.name})")
+    if not failures:
+        return
+    where = "; ".join("x={},y={}".format(*(round(v) for v in f["box_l0"][:2]))
+                      for f in failures[:5]) + ("; ..." if len(failures) > 5 else "")
+    reporter.warn(f"{name}: {len(failures)} tile(s) could not be read (tried twice) and were "
+                  f"skipped, so they hold no nuclei: level-0 read boxes at {where}; all are "
+                  f"listed in {paths.run_json.name} (use --strict to fail the slide instead)")
+
+
+@dataclass
+class _Run:
+    """One slide's run: what the writers and run.json need."""
+
+    slide: Slide
+    plan: TilePlan
+    model: "Predictor"
+    cfg: SegmentConfig
+    paths: OutputPaths
+    tissue: Tissue
+    times: StageTimes
+    started: str
+    identity: dict[str, Any]
+    reader: TolerantReader
+    counts: EngineCounts = field(default_factory=EngineCounts)
 
 
 def _warn_if_empty(plan: TilePlan, tissue: Tissue, cfg: SegmentConfig, name: str,
@@ -231,93 +324,100 @@ def _record(label: int, nucleus: Nucleus, mpp_x: float, mpp_y: float) -> dict[st
                                                  nucleus.hematoxylin_od, mpp_x, mpp_y)}
 
 
+def _to_l0(nucleus: Nucleus, view: IsotropicView | None) -> Nucleus:
+    """A nucleus found in the square-pixel view, in level-0 pixels."""
+    if view is None:
+        return nucleus
+    from shapely import affinity
+
+    poly = affinity.scale(nucleus.polygon_l0, 1 / view.fx, 1 / view.fy, origin=(0, 0))
+    return Nucleus(polygon_l0=poly, score=nucleus.score, tile_index=nucleus.tile_index,
+                   hematoxylin_od=nucleus.hematoxylin_od)
+
+
 class _NucleiSink:
     """Numbers the final nuclei and writes them (GeoJSON, zarr labels); runs in the writer
     thread, so serialising overlaps with the model and the CPU stage."""
 
-    def __init__(self, mpp_xy: tuple[float, float], geo: GeoJSONWriter, labels: LabelZarrWriter,
-                 times: StageTimes) -> None:
-        self.mpp_x, self.mpp_y = mpp_xy
-        self.geo, self.labels, self.times = geo, labels, times
+    def __init__(self, run: "_Run", geo: GeoJSONWriter, labels: LabelZarrWriter) -> None:
+        info = run.slide.info
+        self.mpp_x, self.mpp_y, self.view = info.mpp_x, info.mpp_y, run.reader.view
+        self.geo, self.labels, self.times = geo, labels, run.times
         self.label = 0
         self.centroids = array("d")
 
     def consume(self, step: MergedStep) -> None:
         t0 = time.perf_counter()
         for nucleus in step.nuclei:
+            nucleus = _to_l0(nucleus, self.view)
             self.label += 1
             self.geo.write([_record(self.label, nucleus, self.mpp_x, self.mpp_y)])
             self.labels.add(self.label, nucleus.polygon_l0, nucleus.score)
             self.centroids.extend(nucleus.centroid_l0)
         if math.isfinite(step.horizon_y_l0):   # after the last step, close() finishes
-            self.labels.complete_above(step.horizon_y_l0)
+            self.labels.complete_above(step.horizon_y_l0 / (self.view.fy if self.view else 1.0))
         self.times.add("write", time.perf_counter() - t0)
 
 
-def _stream(slide: Slide, plan: TilePlan, model: "Predictor", cfg: SegmentConfig,
-            geo: GeoJSONWriter, labels: LabelZarrWriter, reporter: Reporter,
-            times: StageTimes, counts: EngineCounts) -> np.ndarray:
+def _stream(run: _Run, geo: GeoJSONWriter, labels: LabelZarrWriter,
+            reporter: Reporter) -> np.ndarray:
     """Run the engine into the writers; returns the (N, 2) level-0 centroids."""
-    info = slide.info
+    info, cfg = run.slide.info, run.cfg
     settings = EngineSettings(batch_size=cfg.batch_size, workers=cfg.workers,
                               prefetch_tiles=cfg.prefetch_tiles, iou_threshold=cfg.iou_threshold)
-    sink = _NucleiSink((info.mpp_x, info.mpp_y), geo, labels, times)
-    with reporter.task(info.name, total=len(plan.tiles)) as task, \
-            closing(merged_nuclei(slide, plan, model, settings, task, times, counts)) as steps, \
+    sink = _NucleiSink(run, geo, labels)
+    with reporter.task(info.name, total=len(run.plan.tiles)) as task, \
+            closing(merged_nuclei(run.reader, run.plan, run.model, settings, task, run.times,
+                                  run.counts)) as steps, \
             BackgroundWriter(sink.consume) as writer:
         for step in steps:   # closing(): on an error the reader threads stop at once
             writer.put(step)
     return np.frombuffer(sink.centroids, dtype=np.float64).reshape(-1, 2)
 
 
-def _write_outputs(slide: Slide, plan: TilePlan, model: "Predictor", cfg: SegmentConfig,
-                   paths: OutputPaths, tissue: Tissue, reporter: Reporter, times: StageTimes,
-                   started: str, t_start: float) -> EngineCounts:
-    """All outputs, each to a temporary name renamed when complete; run.json last.
-    On failure nothing of this slide is left in OUTDIR."""
-    info = slide.info
-    counts, committed = EngineCounts(), []
-    geo = GeoJSONWriter(paths.geojson, cfg.geojson_gz, info.fingerprint)
-    labels = None
+def _write_outputs(run: _Run, reporter: Reporter, t_start: float) -> EngineCounts:
+    """All outputs into a staging folder, then swapped in together (run.json last). On
+    failure the staging folder is removed and the earlier outputs stay as they were."""
+    info, cfg, tissue, times = run.slide.info, run.cfg, run.tissue, run.times
+    stage = Stage(run.paths)
+    geo, labels = None, None
     try:
-        labels = LabelZarrWriter(paths.zarr, info.width, info.height, info.mpp_x, info.mpp_y,
-                                 source={"slide": info.name, "fingerprint": info.fingerprint})
-        centroids = _stream(slide, plan, model, cfg, geo, labels, reporter, times, counts)
+        geo = GeoJSONWriter(stage.paths.geojson, cfg.geojson_gz, info.fingerprint)
+        labels = LabelZarrWriter(stage.paths.zarr, info.width, info.height, info.mpp_x,
+                                 info.mpp_y, source={"slide": info.name,
+                                                     "fingerprint": info.fingerprint})
+        centroids = _stream(run, geo, labels, reporter)
         t0 = time.perf_counter()
         labels.close()
-        committed.append(paths.zarr)
         geo.close()
-        committed.append(paths.geojson)
-        write_overview(paths.overview, tissue.thumb, tissue.scale, centroids,
+        write_overview(stage.paths.overview, tissue.thumb, tissue.scale, centroids,
                        mpp=(info.mpp_x + info.mpp_y) / 2)
-        committed.append(paths.overview)
         times.add("finish", time.perf_counter() - t0)
         times.add("total", time.perf_counter() - t_start)
-        write_run_json(paths.run_json, _run_record(slide, plan, model, cfg, tissue, times,
-                                                   counts, geo, paths, started))
+        write_run_json(stage.paths.run_json, _run_record(run, geo, stage))
+        stage.commit()
     except BaseException:
-        geo.abort()
-        if labels is not None:
-            labels.abort()
-        for p in committed:
-            _remove(p)
+        for writer in (geo, labels):
+            if writer is not None:
+                writer.abort()
+        stage.abort()
         raise
-    return counts
+    return run.counts
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def _manifest(run: _Run, stage: Stage) -> dict[str, Any]:
+    """Fingerprints of the staged outputs under their final names."""
+    f, s = run.paths, stage.paths
+    return {f.geojson.name: fingerprint_file(s.geojson), f.zarr.name: fingerprint_file(s.zarr),
+            f.overview.name: fingerprint_file(s.overview)}
 
 
-def _run_record(slide: Slide, plan: TilePlan, model: "Predictor", cfg: SegmentConfig,
-                tissue: Tissue, times: StageTimes, counts: EngineCounts,
-                geo: GeoJSONWriter, paths: OutputPaths, started: str) -> dict[str, Any]:
-    info = slide.info
+def _run_record(run: _Run, geo: GeoJSONWriter, stage: Stage) -> dict[str, Any]:
+    info, plan, model, cfg, counts = run.slide.info, run.plan, run.model, run.cfg, run.counts
+    paths, tissue = run.paths, run.tissue
     argv = list(cfg.argv) or None
-    record = provenance(argv=argv, started_utc=started, finished_utc=utc_now())
+    record = provenance(argv=argv, started_utc=run.started, finished_utc=utc_now())
+    view = run.reader.view
     record.update({
         "command": shlex.join(record["argv"]),
         "weights": {"name": model.name, "sha256": model.sha256},
@@ -331,13 +431,19 @@ def _run_record(slide: Slide, plan: TilePlan, model: "Predictor", cfg: SegmentCo
                  "read_size_l0": plan.read_size_l0, "halo_l0": plan.halo_l0,
                  "core_size_l0": plan.core_size_l0, "n_rows": plan.n_rows,
                  "n_cols": plan.n_cols, "tiles_in_grid": plan.n_grid,
-                 "tiles_planned": len(plan.tiles)},
-        "timings_s": times.as_dict(),
+                 "tiles_planned": len(plan.tiles),
+                 "frame": "level 0" if view is None else
+                 f"square-pixel view: level-0 x * {view.fx:.6g}, y * {view.fy:.6g}"},
+        "timings_s": run.times.as_dict(),
         "counts": {"tiles": counts.tiles, "detections": counts.detected,
                    "owned": counts.owned, "nuclei": counts.nuclei,
                    "geojson_features": geo.n_written, "geojson_skipped": geo.n_skipped,
                    "merge": counts.merge},
+        "unreadable_tiles": list(run.reader.failures),
+        "unreadable_thumbnail_parts": list(run.reader.thumbnail_failures),
         "outputs": {"geojson": paths.geojson.name, "zarr": paths.zarr.name,
                     "overview": paths.overview.name, "run_json": paths.run_json.name},
+        "manifest": _manifest(run, stage),
+        "identity": run.identity,
     })
     return record

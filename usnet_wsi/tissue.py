@@ -4,6 +4,9 @@ H&E tissue is coloured (pink eosin, purple hematoxylin) while glass is nearly gr
 is tissue when its HSV saturation exceeds an Otsu threshold held inside [0.05, 0.15] (the floor
 keeps blank glass empty, the ceiling keeps a thumbnail that is all tissue from being split in
 two), or when it is dark (mean optical density > 0.3: grey, heavily stained or folded tissue).
+Not tissue, whatever the above says: black and near-black pixels (brightest channel below
+50: slide padding, black ink, scanner faults) and saturated pen colours outside the H&E hues
+(yellow, green, cyan and blue ink: hue 0.12-0.65 with saturation above 0.3).
 The mask is then cleaned: small specks removed, gaps bridged, small holes filled.
 """
 
@@ -18,6 +21,9 @@ from skimage.filters import threshold_otsu
 SAT_FLOOR = 0.05
 SAT_CEILING = 0.15
 OD_DARK = 0.3
+BLACK_MAX = 50                 # brightest channel below this: black, not tissue
+PEN_HUES = (0.12, 0.65)        # yellow .. blue; H&E is pink (~0.9) to purple (~0.75)
+PEN_SATURATION = 0.3
 
 
 def _saturation_threshold(sat: np.ndarray) -> float:
@@ -44,9 +50,18 @@ def tissue_mask(thumb_rgb: np.ndarray, min_area_px: int = 64) -> np.ndarray:
     rgb = rgb[..., :3]
     if rgb.dtype != np.uint8:
         rgb = np.clip(rgb, 0, 255).astype(np.uint8)
-    sat = rgb2hsv(rgb)[..., 1]
+    hsv = rgb2hsv(rgb)
+    sat = hsv[..., 1]
     raw = (sat > _saturation_threshold(sat)) | (_mean_optical_density(rgb) > OD_DARK)
-    return _clean(raw, max(int(min_area_px), 0))
+    return _clean(raw & ~_not_tissue(rgb, hsv), max(int(min_area_px), 0))
+
+
+def _not_tissue(rgb: np.ndarray, hsv: np.ndarray) -> np.ndarray:
+    """Black / near-black pixels and saturated pen colours."""
+    black = rgb.max(axis=2) < BLACK_MAX
+    hue, sat = hsv[..., 0], hsv[..., 1]
+    pen = (hue >= PEN_HUES[0]) & (hue <= PEN_HUES[1]) & (sat > PEN_SATURATION)
+    return black | pen
 
 
 def _clean(raw: np.ndarray, min_area_px: int) -> np.ndarray:

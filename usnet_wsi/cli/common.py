@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
 import traceback
 from typing import Any, Callable, TypeVar
@@ -17,16 +19,40 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def report_error(err: BaseException, verbose: bool) -> int:
     """Print a short message (and the fix) on stderr; return the exit code."""
+    out = functools.partial(console().print, markup=False, soft_wrap=True)  # no breaks in paths
     if verbose:
-        console().print(traceback.format_exc(), markup=False)
+        out(traceback.format_exc())
     if isinstance(err, UsnetError):
-        console().print(f"error: {err.message}", style="bold red", markup=False)
+        out(f"error: {err.message}", style="bold red")
         if err.hint:
-            console().print(f"  fix: {err.hint}", markup=False)
+            out(f"  fix: {err.hint}")
         return err.exit_code
-    console().print(f"error: unexpected {type(err).__name__}: {err}", style="bold red", markup=False)
-    console().print("  fix: run again with -v for the traceback and report it", markup=False)
+    out(f"error: unexpected {type(err).__name__}: {err}", style="bold red")
+    out("  fix: run again with -v for the traceback and report it")
     return 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (batch schedulers, `docker stop`), raised in the main thread like Ctrl-C so that
+    the same clean-up runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Turn SIGTERM into `Terminated` while the block runs (main thread only)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:          # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def guarded(func: F) -> F:
@@ -36,11 +62,17 @@ def guarded(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = kwargs.get("verbose", 0) >= 2 if isinstance(kwargs.get("verbose"), int) else False
         try:
-            return func(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return func(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except Terminated:
+            console().print("terminated (SIGTERM): stopped; unfinished outputs were removed",
+                            markup=False, soft_wrap=True)
+            sys.exit(143)
         except KeyboardInterrupt:
-            console().print("interrupted", markup=False)
+            console().print("interrupted (Ctrl-C): stopped; unfinished outputs were removed",
+                            markup=False, soft_wrap=True)
             sys.exit(130)
         except Exception as err:  # noqa: BLE001 - the CLI boundary
             sys.exit(report_error(err, verbose))

@@ -22,12 +22,13 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 def sample_tiles(slide: "Slide", opts: SlideOptions, model: dict, n: int) -> "np.ndarray":
     """`n` tissue tiles spread over the plan, read as the engine reads them."""
     import numpy as np
-    from usnet_wsi.pipeline import find_tissue, plan_slide
+    from usnet_wsi.pipeline import find_tissue, plan_slide, region_reader
     plan = plan_slide(slide, opts, find_tissue(slide), model["tile_px"], model["halo_px"],
                       model["mpp"])
     picks = np.linspace(0, len(plan.tiles) - 1, n).round().astype(int)
     size = (plan.tile_px, plan.tile_px)
-    return np.stack([slide.read_region(plan.tiles[i].read_l0, size) for i in picks])
+    reader = region_reader(slide)
+    return np.stack([reader.read_region(plan.tiles[i].read_l0, size) for i in picks])
 
 
 def model_settings(weights: Path | None, device: str, estimate: bool,

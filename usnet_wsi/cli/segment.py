@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,24 @@ class LazyPredictor:
         return self.predictor
 
 
+def unique_slides(slides: tuple[str, ...], reporter: Reporter) -> list[str]:
+    """The slides in order, each file once (the same path twice, or a link to one given)."""
+    seen: dict[Any, str] = {}
+    out = []
+    for path in slides:
+        try:
+            st = os.stat(path)
+            key: Any = (st.st_dev, st.st_ino)
+        except OSError:
+            key = os.path.realpath(path)
+        if key in seen:
+            reporter.info(f"{path}: the same file as {seen[key]}; processed once")
+            continue
+        seen[key] = path
+        out.append(path)
+    return out
+
+
 def _run_all(slides: tuple[str, ...], cfg: SegmentConfig, model: LazyPredictor,
              reporter: Reporter, verbose: int) -> list[Any]:
     """Segment each slide; a failing slide is reported and the others go on."""
@@ -52,7 +71,7 @@ def _run_all(slides: tuple[str, ...], cfg: SegmentConfig, model: LazyPredictor,
 
     results: list[SlideResult] = []
     names: dict[str, str] = {}
-    for path in slides:
+    for path in unique_slides(slides, reporter):
         name = slide_name(path)
         try:
             if name in names:
@@ -113,25 +132,33 @@ def _remove_if_empty(folder: Path) -> None:
               help="Only this level-0 box (nuclei centred inside it).")
 @click.option("--no-tissue-mask", is_flag=True, help="Process every tile, not only tissue.")
 @click.option("--geojson-gz", is_flag=True, help="Write NAME.geojson.gz instead of .geojson.")
-@click.option("--overwrite", is_flag=True, help="Redo slides whose outputs already exist.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace outputs that exist (made with the same or other settings).")
+@click.option("--strict", is_flag=True,
+              help="Fail a slide with an unreadable tile (default: skip the tile, warn).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @verbosity_options
 @guarded
 def segment(slides: tuple[str, ...], out_dir: Path, weights: Path | None, device: str,
             batch_size: int, workers: int, mpp: float | None, roi: str | None,
-            no_tissue_mask: bool, geojson_gz: bool, overwrite: bool, as_json: bool,
-            verbose: int) -> None:
+            no_tissue_mask: bool, geojson_gz: bool, overwrite: bool, strict: bool,
+            as_json: bool, verbose: int) -> None:
     """Find and outline every nucleus in each SLIDE; write NAME.geojson, NAME.zarr,
     NAME.run.json and NAME.overview.png into OUTDIR."""
     opts = SlideOptions(mpp=mpp, roi_xywh=parse_box(roi, "--roi"),
                         tissue_mask=not no_tissue_mask)
     cfg = SegmentConfig(out_dir=out_dir, slide=opts, weights=weights, device=device,
                         batch_size=batch_size, workers=workers, geojson_gz=geojson_gz,
-                        overwrite=overwrite, argv=tuple(sys.argv))
+                        overwrite=overwrite, strict=strict, argv=tuple(sys.argv))
     reporter = make_reporter(verbose)
+    from usnet_wsi.outputs import clean_stale
     from usnet_wsi.pipeline import prepare_out_dir  # lazy: pulls in openslide, zarr
 
     created = prepare_out_dir(cfg.out_dir)
+    removed = clean_stale(cfg.out_dir)
+    if removed:
+        reporter.info(f"removed {len(removed)} temporary file(s) left in {cfg.out_dir} by "
+                      "runs that were killed")
     try:
         results = _run_all(slides, cfg, LazyPredictor(weights, cfg.device, reporter),
                            reporter, verbose)

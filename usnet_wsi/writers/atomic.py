@@ -1,7 +1,10 @@
 """Atomic outputs: write to a temporary name beside the final one, rename when complete.
 
-A temporary is a hidden sibling of the final path, ``.<name>.tmp-<random>``, so it lives on
-the same file system (the rename is atomic for files) and never looks like a finished output.
+A temporary is a hidden sibling of the final path, ``.<name>.tmp-<host>-<pid>-<random>``, so it
+lives on the same file system (the rename is atomic for files) and never looks like a finished
+output. The name always fits in 255 bytes (a long ``<name>`` is shortened), and it records the
+host and process that own it, so a later run can remove the temporaries of runs that were
+killed (`remove_stale`) without touching those of a live process.
 On error the temporary is removed and the final path is left as it was: either absent or the
 previous complete output. An existing final output is replaced on commit; whether replacing is
 allowed (``--overwrite``) is the caller's decision, not the writer's.
@@ -10,8 +13,11 @@ allowed (``--overwrite``) is the caller's decision, not the writer's.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import uuid
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -19,6 +25,26 @@ from typing import Any, Callable, Iterable, Iterator
 from usnet_wsi.errors import OutputError
 
 _TMP_MARK = ".tmp-"
+NAME_MAX = 255                     # bytes in one file name on common file systems
+_OWNER_RE = re.compile(r"(?:\.tmp-|^\.usnet-tmp-)([0-9a-f]{4})-(\d+)-[0-9a-f]+$")
+
+
+def host_tag() -> str:
+    """4 hex digits naming this machine (temporaries of other hosts are never removed)."""
+    return f"{zlib.crc32(socket.gethostname().encode()) & 0xFFFF:04x}"
+
+
+def owner_tag() -> str:
+    """``<host>-<pid>-<random>``: who owns a temporary, unique per call."""
+    return f"{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def temp_name(final_name: str) -> str:
+    """``.<final_name>.tmp-<owner>``, the final name shortened so the whole fits NAME_MAX bytes."""
+    tail = f"{_TMP_MARK}{owner_tag()}"
+    room = NAME_MAX - 1 - len(tail.encode())
+    head = final_name.encode()[:room].decode("utf-8", errors="ignore")
+    return f".{head}{tail}"
 
 
 def output_error(path: Path, exc: OSError) -> OutputError:
@@ -64,14 +90,15 @@ def call_or_abort(path: Path, abort: Callable[[], None], fn: Callable[..., Any],
 
 
 def _remove(path: Path) -> None:
-    """Remove a file or a directory tree; a missing path is fine."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
+    """Remove a file or a directory tree, best effort: never raises (it runs while another
+    error is being reported, which it must not mask)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink()
-        except FileNotFoundError:
-            pass
+    except OSError:
+        pass
 
 
 class AtomicTarget:
@@ -94,7 +121,7 @@ class AtomicTarget:
                 f"output folder {parent} is not writable",
                 hint="choose a folder you can write to, or fix its permissions",
             )
-        self.temp = parent / f".{self.final.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
+        self.temp = parent / temp_name(self.final.name)
         self.done = False
 
     def commit(self) -> None:
@@ -115,7 +142,7 @@ class AtomicTarget:
 
     def _replace_directory(self) -> None:
         """Swap an existing final directory for the temporary; restore it if that fails."""
-        old = self.final.with_name(f".{self.final.name}.old-{uuid.uuid4().hex[:12]}")
+        old = self.final.with_name(temp_name(self.final.name))
         os.replace(self.final, old)
         try:
             os.replace(self.temp, self.final)
@@ -151,6 +178,38 @@ def is_temporary(path: str | Path) -> bool:
     """True for a name made by `AtomicTarget` (an unfinished or abandoned output)."""
     name = Path(path).name
     return name.startswith(".") and _TMP_MARK in name
+
+
+def owner_pid(name: str) -> int | None:
+    """The pid that owns a temporary of this tool made on this host, else None."""
+    m = _OWNER_RE.search(name)
+    if m is None or m.group(1) != host_tag():
+        return None
+    return int(m.group(2))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:            # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_temporaries(folder: str | Path) -> list[Path]:
+    """This tool's hidden temporaries in `folder` whose owning process (on this host) is gone."""
+    out = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return []
+    for path in entries:
+        pid = owner_pid(path.name) if path.name.startswith(".") else None
+        if pid is not None and pid != os.getpid() and not pid_alive(pid):
+            out.append(path)
+    return sorted(out)
 
 
 def outputs_complete(paths: Iterable[str | Path]) -> bool:
