@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import math
 import multiprocessing
+import os
 import threading
 import time
 from collections import defaultdict, deque
@@ -158,15 +159,27 @@ _POOLS_LOCK = threading.Lock()
 
 def cpu_pool(workers: int) -> Executor:
     """The shared pool of `workers` CPU-stage processes (started once, reused across slides;
-    'spawn' so that no torch or reader-thread state is inherited)."""
+    'spawn' so that no torch or reader-thread state is inherited). Workers end themselves when
+    the main process dies (even by SIGKILL), so no orphan outlives a killed run."""
     if workers <= 0:
         return _Inline()
     with _POOLS_LOCK:
         pool = _POOLS.get(workers)
         if pool is None:
             ctx = multiprocessing.get_context("spawn")
-            pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=ctx)
+            pool = _POOLS[workers] = ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),))
         return pool
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: a daemon thread that ends the worker once its parent is gone."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.25)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="usnet-parent-watch", daemon=True).start()
 
 
 def _drop_pool(workers: int) -> None:

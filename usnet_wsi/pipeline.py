@@ -46,7 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover - predict.py imports torch
 
 PredictorSource = Union["Predictor", Callable[[], "Predictor"]]
 THUMBNAIL_MAX_SIDE = 2048
-THUMBNAIL_MIN_UM_PER_PX = 4.0     # tissue detection needs no finer thumbnail than 2.5x
+THUMBNAIL_MIN_SIDE = 1024        # the tissue mask's clean-up works in thumbnail pixels
+THUMBNAIL_MIN_UM_PER_PX = 4.0     # above that side, no finer than 2.5x
 
 
 @dataclass
@@ -100,10 +101,11 @@ def prepare_out_dir(out_dir: Path) -> bool:
 
 
 def thumbnail_side(width_l0: int, height_l0: int, mpp: float) -> int:
-    """Longer side of the tissue thumbnail: at most THUMBNAIL_MAX_SIDE pixels and no finer than
-    THUMBNAIL_MIN_UM_PER_PX (small slides and regions get a small, cheap thumbnail)."""
+    """Longer side of the tissue thumbnail: THUMBNAIL_MIN_SIDE to THUMBNAIL_MAX_SIDE pixels, and
+    within that no finer than THUMBNAIL_MIN_UM_PER_PX (never finer than the slide itself)."""
     side_um = max(width_l0, height_l0) * mpp
-    return max(64, min(THUMBNAIL_MAX_SIDE, math.ceil(side_um / THUMBNAIL_MIN_UM_PER_PX)))
+    return max(THUMBNAIL_MIN_SIDE,
+               min(THUMBNAIL_MAX_SIDE, math.ceil(side_um / THUMBNAIL_MIN_UM_PER_PX)))
 
 
 def find_tissue(slide: Slide, reader: TolerantReader | None = None) -> Tissue:
