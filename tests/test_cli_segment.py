@@ -178,7 +178,7 @@ def test_slide_without_mpp_needs_mpp(tmp_path, oracle):
 
 @pytest.mark.parametrize("args, words", [
     (["--batch-size", "0"], ["--batch-size", "0"]),
-    (["--workers", "0"], ["--workers"]),
+    (["--workers", "-1"], ["--workers"]),
     (["--mpp", "-1"], ["--mpp", "-1"]),
     (["--mpp", "nan"], ["--mpp"]),
     (["--roi", "1,2,3"], ["--roi"]),

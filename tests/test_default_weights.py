@@ -46,3 +46,20 @@ def test_default_weights_find_the_nuclei_of_a_synthetic_he_slide(tmp_path):
     tp = int((d[rows, cols] <= 8).sum())
     f1 = 2 * tp / (len(centres) + len(found))
     assert f1 > 0.8, f"detection F1 {f1:.2f} ({tp} of {len(centres)} painted, {len(found)} found)"
+
+
+def test_shipped_model_output_is_byte_identical_across_batch_sizes_and_workers(tmp_path):
+    """The real model and instance path: --batch-size 1 / 8 and --workers 0 / 2 write the
+    same GeoJSON bytes (the network is run so that its numbers do not depend on the batch)."""
+    rgb, _ = _example_module().make_example(900, 700, seed=5)
+    slide = write_pyramidal_tiff(tmp_path / "he.svs", rgb, mpp=0.25)
+    outputs = []
+    for batch, workers in (("1", "0"), ("8", "2"), ("3", "1")):
+        out = tmp_path / f"b{batch}w{workers}"
+        res = CliRunner().invoke(main, ["segment", str(slide), "-o", str(out), "-q",
+                                        "--device", "cpu", "--batch-size", batch,
+                                        "--workers", workers])
+        assert res.exit_code == 0, res.output
+        outputs.append((out / "he.geojson").read_bytes())
+    assert len(json.loads(outputs[0])["features"]) > 50
+    assert outputs[0] == outputs[1] == outputs[2]

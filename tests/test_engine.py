@@ -140,7 +140,7 @@ def test_oracle_round_trip(size, tile_px, halo_px, mpp_l0, mpp_model, roi, min_i
 def test_batch_size_and_workers_do_not_change_output():
     nuclei, image, _ = _scene(420, 380, 68)
     runs = [_run(image, nuclei, (0, 0, 420, 380), 0.5, 0.5, 100, 16, batch=b, workers=k)[0]
-            for b, k in ((1, 1), (3, 2), (16, 4))]
+            for b, k in ((1, 0), (3, 2), (16, 4))]
     wkb = [[shapely.to_wkb(n.polygon_l0) + repr((n.score, n.hematoxylin_od)).encode()
             for n in r] for r in runs]
     assert len(wkb[0]) > 20

@@ -27,11 +27,12 @@ def check_device(device: str) -> str:
     return spec
 
 
-def check_positive_int(value: Any, option: str, example: int, maximum: int = 1 << 16) -> int:
-    """An int in [1, maximum] (bools refused), else UsageError naming the option."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise UsageError(f"{option} {value!r} must be a whole number from 1 to {maximum}",
-                         f"e.g. {option} {example}")
+def check_positive_int(value: Any, option: str, example: int, maximum: int = 1 << 16,
+                       minimum: int = 1) -> int:
+    """An int in [minimum, maximum] (bools refused), else UsageError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise UsageError(f"{option} {value!r} must be a whole number from {minimum} to "
+                         f"{maximum}", f"e.g. {option} {example}")
     return value
 
 
@@ -102,7 +103,7 @@ class SegmentConfig:
     weights: Path | None = None           # None: the default bundle
     device: str = "auto"
     batch_size: int = 8
-    workers: int = 2                      # region-reader threads (and post-processing threads)
+    workers: int = 2                      # CPU-stage worker processes; 0 = in the main process
     geojson_gz: bool = False
     overwrite: bool = False
     strict: bool = False                  # an unreadable tile fails the slide (else skipped)
@@ -117,14 +118,14 @@ class SegmentConfig:
             object.__setattr__(self, "weights", Path(self.weights))
         object.__setattr__(self, "device", check_device(self.device))
         check_positive_int(self.batch_size, "--batch-size", 8)
-        check_positive_int(self.workers, "--workers", 2, maximum=256)
+        check_positive_int(self.workers, "--workers", 2, maximum=256, minimum=0)
         object.__setattr__(self, "iou_threshold", check_iou(self.iou_threshold))
         object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
 
     @property
     def prefetch_tiles(self) -> int:
         """Tiles read ahead of the model: enough to fill two batches and keep readers busy."""
-        return 2 * self.batch_size + self.workers
+        return 2 * self.batch_size + 2
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (paths as strings), as recorded in run.json."""

@@ -125,7 +125,8 @@ def _remove_if_empty(folder: Path) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Tiles per model batch.")
 @click.option("--workers", type=int, default=2, show_default=True,
-              help="Region-reader (and post-processing) threads.")
+              help="Worker processes for the CPU stage (nucleus outlines, stain measurements) "
+                   "while the model runs; 0 = in the main process. Two threads read tiles.")
 @click.option("--mpp", type=float, default=None,
               help="Microns per level-0 pixel; overrides the slide's own value.")
 @click.option("--roi", default=None, metavar="X,Y,W,H",
