@@ -102,7 +102,7 @@ def _plan(slide_path: Path, predictor):
 def measure_forward(opts: dict) -> dict:
     import torch
     from usnet_wsi.predict import load_predictor
-    pred = load_predictor(opts["weights"], opts["device"])
+    pred = load_predictor(opts["weights"], opts["device"], opts["tile_px"])
     slide, plan = _plan(Path(opts["slide"]), pred)
     size = (plan.tile_px, plan.tile_px)
     tiles = np.stack([slide.read_region(t.read_l0, size) for t in plan.tiles])
@@ -122,7 +122,8 @@ def measure_forward(opts: dict) -> dict:
         t0 = time.perf_counter()
         run()
         wall = time.perf_counter() - t0
-    return {"tiles": len(tiles), "wall_s": wall, "tiles_per_s": len(tiles) / wall}
+    return {"tiles": len(tiles), "wall_s": wall, "tiles_per_s": len(tiles) / wall,
+            "tile_px": plan.tile_px, "halo_px": plan.halo_px}
 
 
 class ReplayPredictor:
@@ -175,7 +176,7 @@ def _segment(slide: Path, predictor, opts: dict, out: Path) -> dict:
 
 def measure_e2e(opts: dict) -> dict:
     from usnet_wsi.predict import load_predictor
-    pred = RecordingPredictor(load_predictor(opts["weights"], opts["device"]))
+    pred = RecordingPredictor(load_predictor(opts["weights"], opts["device"], opts["tile_px"]))
     result = _segment(Path(opts["slide"]), pred, opts, WORK / "out-e2e")
     meta = {k: getattr(pred, k) for k in ("name", "sha256", "device", "tile_px", "halo_px",
                                           "mpp")}
@@ -206,7 +207,8 @@ def in_subprocess(mode: str, opts: dict) -> dict:
 
 def table(r: dict) -> str:
     f, e = r["forward"], r["e2e"]
-    rows = [("forward only", f"{f['tiles_per_s']:.1f} tiles/s ({f['tiles']} tiles)"),
+    rows = [("tile / halo px", f"{r['tile_px']} / {r['halo_px']}"),
+            ("forward only", f"{f['tiles_per_s']:.1f} tiles/s ({f['tiles']} tiles)"),
             ("end to end", f"{e['tiles_per_s']:.1f} tiles/s, {e['tissue_mp_per_s']:.2f} "
                            f"tissue MP/s, {e['nuclei']} nuclei, {e['wall_s']:.1f} s"),
             ("e2e / forward-only wall", f"{r['ratio_e2e_to_forward']:.2f}"),
@@ -226,6 +228,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="CPU-stage processes for e2e")
     p.add_argument("--device", default="cpu")
     p.add_argument("--weights", default=None)
+    p.add_argument("--tile-px", type=int, default=None,
+                   help="inference tile side (default: the bundle's)")
     p.add_argument("--one", nargs=2, metavar=("MODE", "OPTS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -237,17 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     slide = make_slide(args)
     opts = {"slide": str(slide), "weights": args.weights, "device": args.device,
-            "batch_size": args.batch_size, "workers": args.workers}
+            "batch_size": args.batch_size, "workers": args.workers, "tile_px": args.tile_px}
     result = {"forward": in_subprocess("forward", opts), "e2e": in_subprocess("e2e", opts)}
     result["replay"] = {w: in_subprocess("replay", {**opts, "workers": w}) for w in (1, 2)}
     result["ratio_e2e_to_forward"] = (result["forward"]["tiles_per_s"]
                                       / result["e2e"]["tiles_per_s"])
+    result["tile_px"], result["halo_px"] = result["forward"]["tile_px"], result["forward"]["halo_px"]
     result.update({"slide": slide.name, "settings": opts, "date": datetime.now(timezone.utc)
                    .isoformat(timespec="seconds"), "machine": platform.processor() or
                    platform.machine(), "cpus": multiprocessing.cpu_count()})
     print(table(result))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"throughput-{args.device.split(':')[0]}.json"
+    tile = f"-{args.tile_px}" if args.tile_px else ""
+    out = RESULTS / f"throughput-{args.device.split(':')[0]}{tile}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(REPO)}")
     return 0

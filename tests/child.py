@@ -44,7 +44,7 @@ def main() -> None:
     found = [] if mode == "empty" else nuclei()
     import usnet_wsi.predict
 
-    usnet_wsi.predict.load_predictor = lambda weights=None, device="auto": cls(
+    usnet_wsi.predict.load_predictor = lambda weights=None, device="auto", *rest: cls(
         found, W, H, MPP, TILE, HALO, check_pixels=mode != "empty")
     if mode == "die-in-swap":
         real = os.replace

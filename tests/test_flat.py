@@ -134,7 +134,7 @@ def test_cli_segment_and_info_read_a_png(tmp_path, monkeypatch):
     img, nuclei = image()
     png = write(tmp_path / "region.png", img, "png")
     monkeypatch.setattr("usnet_wsi.predict.load_predictor",
-                        lambda weights=None, device="auto": OraclePredictor(nuclei, W, H, MPP,
+                        lambda weights=None, device="auto", *rest: OraclePredictor(nuclei, W, H, MPP,
                                                                             TILE, HALO))
     res = CliRunner().invoke(main, ["segment", str(png), "-o", str(tmp_path / "out"), "--json"])
     assert res.exit_code == 0, res.stderr

@@ -37,7 +37,7 @@ def err(res) -> str:
 @pytest.fixture(autouse=True)
 def oracle(monkeypatch):
     monkeypatch.setattr("usnet_wsi.predict.load_predictor",
-                        lambda weights=None, device="auto": OraclePredictor(
+                        lambda weights=None, device="auto", *rest: OraclePredictor(
                             nuclei(), W, H, MPP, TILE, HALO))
 
 
@@ -71,7 +71,7 @@ def test_disk_full_during_overwrite_keeps_the_old_set(tmp_path, slide, monkeypat
     assert snapshot(out) == before                               # old set, nothing else
     monkeypatch.undo()
     monkeypatch.setattr("usnet_wsi.predict.load_predictor",
-                        lambda weights=None, device="auto": OraclePredictor(
+                        lambda weights=None, device="auto", *rest: OraclePredictor(
                             nuclei(), W, H, MPP, TILE, HALO))
     res = run(slide.path, "-o", out, "--roi", "0,0,200,300", "--json")
     assert json.loads(res.stdout)["slides"][0]["status"] == "skipped"

@@ -56,7 +56,7 @@ def corrupt_slide(path: Path) -> Path:
 @pytest.fixture
 def blank_aware(monkeypatch):
     monkeypatch.setattr("usnet_wsi.predict.load_predictor",
-                        lambda weights=None, device="auto": BlankAware(nuclei(), W, H, MPP, TILE,
+                        lambda weights=None, device="auto", *rest: BlankAware(nuclei(), W, H, MPP, TILE,
                                                                        HALO))
 
 

@@ -16,6 +16,7 @@ from usnet_wsi.errors import UsageError
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 Box = tuple[int, int, int, int]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def check_device(device: str) -> str:
@@ -108,6 +109,8 @@ class SegmentConfig:
     overwrite: bool = False
     strict: bool = False                  # an unreadable tile fails the slide (else skipped)
     iou_threshold: float = 0.3            # cross-tile duplicate rule (polygon IoU)
+    precision: str = "auto"               # network precision: auto, fp32, bf16, fp16 (CUDA)
+    tile_px: int | None = None            # inference tile side; None: the bundle's
     argv: tuple[str, ...] = ()            # the command line, recorded in run.json
 
     def __post_init__(self) -> None:
@@ -120,6 +123,14 @@ class SegmentConfig:
         check_positive_int(self.batch_size, "--batch-size", 8)
         check_positive_int(self.workers, "--workers", 2, maximum=256, minimum=0)
         object.__setattr__(self, "iou_threshold", check_iou(self.iou_threshold))
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r} is not a precision",
+                             f"use one of {', '.join(PRECISIONS)}")
+        if self.tile_px is not None:
+            check_positive_int(self.tile_px, "--tile-px", 556, maximum=4096, minimum=128)
+            if self.tile_px % 4:
+                raise UsageError(f"--tile-px {self.tile_px} must be a multiple of 4",
+                                 "e.g. --tile-px 556")
         object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
 
     @property

@@ -20,8 +20,9 @@ threshold tuning all go through it. One fixed flow of batched tensors, on the mo
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -104,18 +105,20 @@ def paint_masks(masks: Sequence[np.ndarray], origins: Sequence[tuple[int, int]],
 
 @torch.no_grad()
 def batch_instances(model: USNet, x: torch.Tensor, out: USNetOutput, anchors: torch.Tensor,
-                    thr: Thresholds, regions: torch.Tensor | None = None) -> InstanceBatch:
+                    thr: Thresholds, regions: torch.Tensor | None = None,
+                    autocast: Callable[[], ContextManager] = nullcontext) -> InstanceBatch:
     """Normalised input batch x (B, 3, S, S) and its raw outputs -> label maps and scores.
 
     `regions`: (B, 4) xyxy tile-pixel boxes where a nucleus centre must lie for the tile to
-    keep it (None: the whole tile)."""
+    keep it (None: the whole tile). `autocast`: the context the refiner runs in."""
     b, size = x.shape[0], x.shape[-1]
     dets = detect(out.conf_logits, out.loc, anchors, thr.score, thr.nms, thr.top_k, size)
     detected = torch.bincount(dets.image, minlength=b)
     if regions is not None:
         dets = dets.select(_centre_in(dets, regions.to(x.device), REGION_MARGIN_PX))
     crops = context_boxes(dets.boxes, model.spec.refine_context, size)
-    logits = _refine(model, x, out, dets.image, crops)
+    with autocast():
+        logits = _refine(model, x, out, dets.image, crops)
     masks = _paste(logits, crops, dets.image, size, thr.max_edge_fraction)
     return _to_host(masks, _need(masks.area, thr), dets, (b, size), detected)
 
@@ -132,6 +135,7 @@ def _refine(model: USNet, x: torch.Tensor, out: USNetOutput, image: torch.Tensor
     inp = x.float()
     if model.spec.refine_inputs == "rgb+seg":
         inp = torch.cat([inp, model.seg_probs(out.seg_logits.float())], dim=1)
+    inp = inp.float()
     patches = crop_resize(inp, image, crops, model.spec.refine_size)
     if x.is_contiguous(memory_format=torch.channels_last):
         patches = patches.contiguous(memory_format=torch.channels_last)
