@@ -9,20 +9,23 @@ Ruifrok-Johnston H&E-DAB colour deconvolution, reported in optical-density units
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import shapely
 from scipy.spatial.distance import pdist
 from shapely.geometry import Polygon
-from shapely.geometry.polygon import orient
 from skimage.color import rgb2hed
 
 __all__ = [
     "MEASUREMENT_NAMES",
+    "eccentricities",
     "hematoxylin_od_mean",
+    "measurement_rows",
     "nucleus_measurements",
     "polygon_eccentricity",
     "shape_measurements",
+    "shape_table",
 ]
 
 PROBABILITY = "Detection probability"
@@ -45,39 +48,57 @@ MEASUREMENT_NAMES: tuple[str, ...] = (
 _SKIMAGE_STAIN_TO_OD = -math.log10(1e-6)
 
 
-def shape_measurements(poly_l0: Polygon, mpp_x: float, mpp_y: float) -> dict[str, float]:
-    """Shape measurements of a level-0 polygon, keyed by QuPath's measurement names.
+def shape_table(polys_l0: Sequence[Polygon], mpp_x: float, mpp_y: float) -> dict[str, np.ndarray]:
+    """Shape measurements of many level-0 polygons at once, keyed by QuPath's names.
 
     Area and perimeter (all rings) in µm^2 / µm; circularity = 4*pi*A/P^2; solidity =
     A / convex-hull area; eccentricity from the polygon's second area moments (as skimage
     regionprops does for pixel sets); max caliper = largest distance between convex-hull
-    vertices; min caliper = minimum width of the convex hull (rotating calipers).
-    Ratios of a zero-area polygon are NaN.
+    vertices; min caliper = minimum width of the convex hull (rotating calipers). Computed on
+    the polygons scaled to micrometres, so anisotropic pixels are exact. Ratios of a zero-area
+    polygon are NaN.
     """
     _check_mpp(mpp_x, mpp_y)
-    poly_um = shapely.transform(poly_l0, lambda xy: xy * (float(mpp_x), float(mpp_y)))
-    area, perimeter = float(poly_um.area), float(poly_um.length)
-    hull = poly_um.convex_hull
-    nan = float("nan")
-    return {
-        AREA: area,
-        PERIMETER: perimeter,
-        CIRCULARITY: 4.0 * math.pi * area / perimeter**2 if perimeter > 0 else nan,
-        SOLIDITY: area / hull.area if hull.area > 0 else nan,
-        ECCENTRICITY: polygon_eccentricity(poly_um) if area > 0 else nan,
-        MAX_CALIPER: _max_caliper(hull),
-        MIN_CALIPER: float(shapely.minimum_width(hull).length),
-    }
+    geoms = np.asarray(polys_l0, dtype=object).reshape(-1)
+    um = shapely.transform(geoms, lambda xy: xy * (float(mpp_x), float(mpp_y)))
+    area, perimeter = shapely.area(um), shapely.length(um)
+    hull = shapely.convex_hull(um)
+    hull_area = shapely.area(hull)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            AREA: area,
+            PERIMETER: perimeter,
+            CIRCULARITY: np.where(perimeter > 0, 4.0 * math.pi * area / perimeter**2, np.nan),
+            SOLIDITY: np.where(hull_area > 0, area / hull_area, np.nan),
+            ECCENTRICITY: np.where(area > 0, eccentricities(um), np.nan),
+            MAX_CALIPER: _max_calipers(hull),
+            MIN_CALIPER: shapely.length(shapely.minimum_width(hull)),
+        }
+
+
+def shape_measurements(poly_l0: Polygon, mpp_x: float, mpp_y: float) -> dict[str, float]:
+    """`shape_table` of one polygon."""
+    return {k: float(v[0]) for k, v in shape_table([poly_l0], mpp_x, mpp_y).items()}
+
+
+def measurement_rows(polys_l0: Sequence[Polygon], scores: Sequence[float],
+                     hematoxylin_od: Sequence[float], mpp_x: float,
+                     mpp_y: float) -> list[dict[str, float]]:
+    """All measurements of many nuclei, one dict per nucleus in `MEASUREMENT_NAMES` order."""
+    if len(polys_l0) == 0:
+        return []
+    table = shape_table(polys_l0, mpp_x, mpp_y)
+    table[PROBABILITY] = np.asarray(scores, dtype=np.float64)
+    table[HEMATOXYLIN_OD] = np.asarray(hematoxylin_od, dtype=np.float64)
+    columns = [table[name].tolist() for name in MEASUREMENT_NAMES]
+    return [dict(zip(MEASUREMENT_NAMES, row)) for row in zip(*columns)]
 
 
 def nucleus_measurements(
     poly_l0: Polygon, score: float, hematoxylin_od: float, mpp_x: float, mpp_y: float
 ) -> dict[str, float]:
     """All measurements of one nucleus, in `MEASUREMENT_NAMES` order."""
-    values = shape_measurements(poly_l0, mpp_x, mpp_y)
-    values[PROBABILITY] = float(score)
-    values[HEMATOXYLIN_OD] = float(hematoxylin_od)
-    return {name: values[name] for name in MEASUREMENT_NAMES}
+    return measurement_rows([poly_l0], [score], [hematoxylin_od], mpp_x, mpp_y)[0]
 
 
 def _check_mpp(mpp_x: float, mpp_y: float) -> None:
@@ -86,44 +107,52 @@ def _check_mpp(mpp_x: float, mpp_y: float) -> None:
             raise ValueError(f"{name} must be a positive finite µm/px, got {value!r}")
 
 
-def _max_caliper(hull: shapely.Geometry) -> float:
-    xy = shapely.get_coordinates(hull)
-    return float(pdist(xy).max()) if len(xy) >= 2 else 0.0
+def _max_calipers(hulls: np.ndarray) -> np.ndarray:
+    xy, index = shapely.get_coordinates(hulls, return_index=True)
+    out = np.zeros(len(hulls))
+    starts = np.searchsorted(index, np.arange(len(hulls) + 1))
+    for i in range(len(hulls)):
+        pts = xy[starts[i]:starts[i + 1]]
+        if len(pts) >= 2:
+            out[i] = float(pdist(pts).max())
+    return out
+
+
+def eccentricities(polys: np.ndarray) -> np.ndarray:
+    """Eccentricity of the ellipse with the same second area moments as each polygon:
+    sqrt(1 - l2 / l1), l1 >= l2 the eigenvalues of the area covariance matrix, computed exactly
+    from the vertices (Green's theorem; holes subtract). 0 for a circle."""
+    oriented = shapely.orient_polygons(polys, exterior_cw=False)   # holes clockwise
+    rings, ring_poly = shapely.get_rings(oriented, return_index=True)
+    xy, ring_of = shapely.get_coordinates(rings, return_index=True)
+    ref = np.zeros((len(polys), 2))
+    first = np.searchsorted(ring_poly, np.arange(len(polys)))
+    has = first < len(ring_poly)
+    ref[has] = shapely.get_coordinates(shapely.get_point(rings[first[has]], 0))
+    xy = xy - ref[ring_poly[ring_of]]                    # about a vertex, for precision
+    same = ring_of[1:] == ring_of[:-1]
+    x0, y0, x1, y1 = xy[:-1, 0][same], xy[:-1, 1][same], xy[1:, 0][same], xy[1:, 1][same]
+    owner = ring_poly[ring_of[1:][same]]
+    cross = x0 * y1 - x1 * y0
+    terms = (cross / 2, cross * (x0 + x1) / 6, cross * (y0 + y1) / 6,
+             cross * (x0 * x0 + x0 * x1 + x1 * x1) / 12,
+             cross * (y0 * y0 + y0 * y1 + y1 * y1) / 12,
+             cross * (x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0) / 24)
+    area, sx, sy, sxx, syy, sxy = (np.bincount(owner, t, minlength=len(polys)) for t in terms)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx, cy = sx / area, sy / area
+        a, c = sxx / area - cx * cx, syy / area - cy * cy
+        b = sxy / area - cx * cy
+    half = np.sqrt(((a - c) / 2) ** 2 + b * b)
+    high, low = (a + c) / 2 + half, np.maximum((a + c) / 2 - half, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ecc = np.sqrt(np.maximum(0.0, 1.0 - low / high))
+    return np.where(high > 0, ecc, 0.0)
 
 
 def polygon_eccentricity(poly: Polygon) -> float:
-    """Eccentricity of the ellipse with the same second area moments as ``poly``.
-
-    sqrt(1 - l2 / l1) with l1 >= l2 the eigenvalues of the area covariance matrix, computed
-    exactly from the polygon's vertices (Green's theorem; holes subtract). 0 for a circle.
-    """
-    poly = orient(poly, sign=1.0)  # exterior counter-clockwise, holes clockwise
-    ref = np.asarray(poly.exterior.coords[0])
-    sums = np.zeros(6)  # area, Sx, Sy, Sxx, Syy, Sxy (about ref, for precision)
-    for ring in (poly.exterior, *poly.interiors):
-        sums += _ring_moments(np.asarray(ring.coords) - ref)
-    area, sx, sy, sxx, syy, sxy = sums
-    cx, cy = sx / area, sy / area
-    cov = np.array([[sxx / area - cx * cx, sxy / area - cx * cy],
-                    [sxy / area - cx * cy, syy / area - cy * cy]])
-    low, high = np.linalg.eigvalsh(cov)
-    if high <= 0:
-        return 0.0
-    return float(math.sqrt(max(0.0, 1.0 - max(low, 0.0) / high)))
-
-
-def _ring_moments(xy: np.ndarray) -> np.ndarray:
-    """Signed area integrals of 1, x, y, x^2, y^2, xy over a closed ring (first == last)."""
-    x0, y0, x1, y1 = xy[:-1, 0], xy[:-1, 1], xy[1:, 0], xy[1:, 1]
-    cross = x0 * y1 - x1 * y0
-    return np.array([
-        cross.sum() / 2.0,
-        (cross * (x0 + x1)).sum() / 6.0,
-        (cross * (y0 + y1)).sum() / 6.0,
-        (cross * (x0 * x0 + x0 * x1 + x1 * x1)).sum() / 12.0,
-        (cross * (y0 * y0 + y0 * y1 + y1 * y1)).sum() / 12.0,
-        (cross * (x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0)).sum() / 24.0,
-    ])
+    """`eccentricities` of one polygon."""
+    return float(eccentricities(np.array([poly], dtype=object))[0])
 
 
 def hematoxylin_od_mean(rgb: np.ndarray, mask: np.ndarray) -> float:

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
+import shapely
 
 from usnet_wsi.config import SegmentConfig, SlideOptions
 from usnet_wsi.console import Reporter
 from usnet_wsi.engine import (EngineCounts, EngineSettings, MergedStep, StageTimes,
                               merged_nuclei)
 from usnet_wsi.errors import OutputError
-from usnet_wsi.measure import nucleus_measurements
+from usnet_wsi.measure import measurement_rows
 from usnet_wsi import __version__
 from usnet_wsi.nuclei import Nucleus
 from usnet_wsi.outputs import (OutputPaths, Stage, check_name_length, fingerprint_file,
@@ -320,12 +321,6 @@ def _warn_if_empty(plan: TilePlan, tissue: Tissue, cfg: SegmentConfig, name: str
                       "(use --no-tissue-mask to process every tile)")
 
 
-def _record(label: int, nucleus: Nucleus, mpp_x: float, mpp_y: float) -> dict[str, Any]:
-    return {"id": label, "polygon_l0": nucleus.polygon_l0, "score": nucleus.score,
-            "measurements": nucleus_measurements(nucleus.polygon_l0, nucleus.score,
-                                                 nucleus.hematoxylin_od, mpp_x, mpp_y)}
-
-
 def _to_l0(nucleus: Nucleus, view: IsotropicView | None) -> Nucleus:
     """A nucleus found in the square-pixel view, in level-0 pixels."""
     if view is None:
@@ -350,12 +345,19 @@ class _NucleiSink:
 
     def consume(self, step: MergedStep) -> None:
         t0 = time.perf_counter()
-        for nucleus in step.nuclei:
-            nucleus = _to_l0(nucleus, self.view)
-            self.label += 1
-            self.geo.write([_record(self.label, nucleus, self.mpp_x, self.mpp_y)])
-            self.labels.add(self.label, nucleus.polygon_l0, nucleus.score)
-            self.centroids.extend(nucleus.centroid_l0)
+        nuclei = [_to_l0(n, self.view) for n in step.nuclei]
+        polys = [n.polygon_l0 for n in nuclei]
+        rows = measurement_rows(polys, [n.score for n in nuclei],
+                                [n.hematoxylin_od for n in nuclei], self.mpp_x, self.mpp_y)
+        first = self.label + 1
+        self.geo.write({"id": first + i, "polygon_l0": p, "score": n.score, "measurements": m}
+                       for i, (p, n, m) in enumerate(zip(polys, nuclei, rows)))
+        for i, n in enumerate(nuclei):
+            self.labels.add(first + i, n.polygon_l0, n.score)
+        self.label += len(nuclei)
+        if polys:
+            xy = shapely.get_coordinates(shapely.centroid(np.asarray(polys, dtype=object)))
+            self.centroids.extend(xy.ravel().tolist())
         if math.isfinite(step.horizon_y_l0):   # after the last step, close() finishes
             self.labels.complete_above(step.horizon_y_l0 / (self.view.fy if self.view else 1.0))
         self.times.add("write", time.perf_counter() - t0)

@@ -75,6 +75,45 @@ def clean_polygon(poly: Polygon | MultiPolygon, precision: int = 2) -> Polygon |
     return orient(geom, sign=1.0)
 
 
+def clean_polygons(polys: list[Any], precision: int = 2) -> list[Polygon | None]:
+    """`clean_polygon` of many polygons: rounding the coordinates is enough for almost all of
+    them (checked: valid, non-empty, one polygon); the rest take the full repair."""
+    if not polys:
+        return []
+    geoms = np.asarray(polys, dtype=object)
+    simple = np.array([isinstance(g, Polygon) and not g.is_empty for g in polys])
+    rounded = np.full(len(polys), None, dtype=object)
+    if simple.any():
+        rounded[simple] = _rounded(geoms[simple], precision)
+    simple &= rounded != None  # noqa: E711 - element-wise test of an object array
+    ok = simple.copy()
+    ok[simple] = shapely.is_valid(rounded[simple]) & (shapely.area(rounded[simple]) > 0)
+    ok[simple] &= shapely.get_type_id(rounded[simple]) == 3
+    out: list[Polygon | None] = [None] * len(polys)
+    if ok.any():
+        for i, g in zip(np.flatnonzero(ok), shapely.orient_polygons(rounded[ok])):
+            out[i] = g
+    for i in np.flatnonzero(~ok):
+        out[i] = clean_polygon(polys[i], precision)
+    return out
+
+
+def _rounded(geoms: np.ndarray, precision: int) -> np.ndarray:
+    """Coordinates rounded (repeated points removed); None where a ring collapses."""
+    def rnd(xy: np.ndarray) -> np.ndarray:
+        return np.round(xy, precision)
+    try:
+        return shapely.remove_repeated_points(shapely.transform(geoms, rnd), 0.0)
+    except shapely.errors.GEOSException:
+        out = np.full(len(geoms), None, dtype=object)
+        for i, g in enumerate(geoms):
+            try:
+                out[i] = shapely.remove_repeated_points(shapely.transform(g, rnd), 0.0)
+            except shapely.errors.GEOSException:
+                pass
+        return out
+
+
 def _ring(ring: Any, precision: int) -> list[list[float]]:
     return np.round(shapely.get_coordinates(ring), precision).tolist()
 
@@ -136,9 +175,11 @@ class GeoJSONWriter(AbortOnError):
     def _guard(self, fn: Any, *args: Any) -> None:
         call_or_abort(self.path, self.abort, fn, *args)
 
-    def feature(self, record: Mapping[str, Any]) -> dict | None:
-        """The GeoJSON feature dict of one record (None when its polygon is degenerate)."""
-        poly = clean_polygon(record["polygon_l0"], self.precision)
+    def feature(self, record: Mapping[str, Any], poly: Polygon | None = None) -> dict | None:
+        """The GeoJSON feature dict of one record (None when its polygon is degenerate);
+        `poly`: its polygon already cleaned (`clean_polygons`)."""
+        if poly is None:
+            poly = clean_polygon(record["polygon_l0"], self.precision)
         if poly is None:
             return None
         rings = [_ring(poly.exterior, self.precision)]
@@ -161,8 +202,10 @@ class GeoJSONWriter(AbortOnError):
     def _write(self, records: Iterable[Mapping[str, Any]]) -> None:
         if self._out is None:
             raise ValueError(f"the GeoJSON writer for {self.path} is closed")
-        for record in records:
-            feature = self.feature(record)
+        records = list(records)
+        cleaned = clean_polygons([r["polygon_l0"] for r in records], self.precision)
+        for record, poly in zip(records, cleaned):
+            feature = self.feature(record, poly) if poly is not None else None
             if feature is None:
                 self.n_skipped += 1
                 continue
