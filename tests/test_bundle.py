@@ -323,3 +323,32 @@ def test_half_precision_storage_halves_the_file_and_keeps_outputs(tmp_path: Path
     with torch.no_grad():
         want, got = model.eval()(x), b.build_model()(x)
     torch.testing.assert_close(got.seg_logits, want.seg_logits, atol=0.05, rtol=0.05)
+
+
+def test_inference_tile_size_comes_from_the_bundle_and_anchors_follow_it(saved: Path) -> None:
+    from usnet_wsi.anchors import feature_sizes
+    edit_config(saved, inference_tile_px=200)
+    pred = load_predictor(saved, "cpu")
+    assert pred.tile_px == 200 and load_predictor(saved, "cpu", tile_px=160).tile_px == 160
+    sizes = feature_sizes(200, pred.model.spec.det_levels)
+    assert pred.anchors.shape[0] == sum(s * s for s in sizes) * pred.model.spec.anchors_per_location
+    rng = np.random.default_rng(0)
+    found = pred.predict(rng.integers(0, 256, (2, 200, 200, 3), dtype=np.uint8))
+    assert found.labels.shape == (2, 200, 200)
+
+
+@pytest.mark.parametrize("value", ["556", 10, True])
+def test_a_bad_inference_tile_size_is_refused(saved: Path, value) -> None:
+    edit_config(saved, inference_tile_px=value)
+    with pytest.raises(WeightsError, match="inference_tile_px"):
+        load_predictor(saved, "cpu")
+
+
+def test_precision_is_resolved_for_the_device() -> None:
+    from usnet_wsi.errors import UsageError
+    from usnet_wsi.predict import resolve_precision
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) in ("fp32", "bf16")
+    with pytest.raises(UsageError, match="CUDA"):
+        resolve_precision("fp16", cpu)

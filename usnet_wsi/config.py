@@ -7,6 +7,7 @@ before any slide is opened or any file is written.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,6 +82,13 @@ def check_iou(value: Any) -> float:
     return v
 
 
+def default_workers() -> int:
+    """CPU-stage processes by default: none on machines of 2 cores or fewer (the model already
+    uses every core, and extra processes only compete with it), else up to 4."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores - 2)
+
+
 @dataclass(frozen=True)
 class SlideOptions:
     """How to read a slide: resolution override, region of interest, tissue detection."""
@@ -104,7 +112,7 @@ class SegmentConfig:
     weights: Path | None = None           # None: the default bundle
     device: str = "auto"
     batch_size: int = 8
-    workers: int = 2                      # CPU-stage worker processes; 0 = in the main process
+    workers: int | None = None            # CPU-stage worker processes; 0 = in the main process
     geojson_gz: bool = False
     overwrite: bool = False
     strict: bool = False                  # an unreadable tile fails the slide (else skipped)
@@ -121,6 +129,8 @@ class SegmentConfig:
             object.__setattr__(self, "weights", Path(self.weights))
         object.__setattr__(self, "device", check_device(self.device))
         check_positive_int(self.batch_size, "--batch-size", 8)
+        if self.workers is None:
+            object.__setattr__(self, "workers", default_workers())
         check_positive_int(self.workers, "--workers", 2, maximum=256, minimum=0)
         object.__setattr__(self, "iou_threshold", check_iou(self.iou_threshold))
         if self.precision not in PRECISIONS:

@@ -54,7 +54,7 @@ class EngineSettings:
     """Streaming knobs: none of them changes the output."""
 
     batch_size: int = 8
-    workers: int = 2             # CPU-stage worker processes; 0 = in the calling thread
+    workers: int = 0             # CPU-stage worker processes; 0 = in the calling thread
     prefetch_tiles: int = 18
     iou_threshold: float = 0.3
 
@@ -62,7 +62,8 @@ class EngineSettings:
 @dataclass
 class StageTimes:
     """Seconds per stage (thread-safe). `read` is summed over the reader threads; `post` is
-    the time the calling thread waited for the CPU stage (all of it when workers = 0)."""
+    the calling thread's time in the CPU stage: handing work to the workers and waiting for
+    them (all of the CPU stage when workers = 0)."""
 
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -213,13 +214,15 @@ def _predict(predictor: "Predictor", batch: list[tuple[Tile, np.ndarray]], plan:
 
 
 def _submit_batch(pool: Executor, batch: list[tuple[Tile, np.ndarray]], found: "InstanceBatch",
-                  plan: TilePlan) -> list[tuple[Tile, int, Future]]:
+                  plan: TilePlan, times: StageTimes) -> list[tuple[Tile, int, Future]]:
     out = []
+    t0 = time.perf_counter()
     for i, (tile, rgb) in enumerate(batch):
         n = int(found.counts[i])
         fut = pool.submit(tile_nuclei, tile_frame(tile, plan), rgb, found.labels[i],
                           found.scores[i, :n])
         out.append((tile, int(found.detected[i]), fut))
+    times.add("post", time.perf_counter() - t0)   # all of the CPU stage when it runs inline
     return out
 
 
@@ -244,8 +247,8 @@ def tile_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
         with closing(read_tiles(slide, plan, READ_THREADS, settings.prefetch_tiles,
                                 times)) as tiles:
             for batch in batched(tiles, settings.batch_size):
-                pending.extend(_submit_batch(pool, batch, _predict(predictor, batch, plan, times),
-                                             plan))
+                found = _predict(predictor, batch, plan, times)
+                pending.extend(_submit_batch(pool, batch, found, plan, times))
                 while len(pending) > max_pending or (pending and pending[0][2].done()):
                     yield _result(pending.popleft(), times)
         while pending:

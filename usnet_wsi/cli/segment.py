@@ -128,9 +128,10 @@ def _remove_if_empty(folder: Path) -> None:
               help="auto, cpu, cuda or cuda:N (auto: CUDA if present, with AMP).")
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Tiles per model batch.")
-@click.option("--workers", type=int, default=2, show_default=True,
+@click.option("--workers", type=int, default=None,
               help="Worker processes for the CPU stage (nucleus outlines, stain measurements) "
-                   "while the model runs; 0 = in the main process. Two threads read tiles.")
+                   "while the model runs; 0 = in the main process. Default: 0 on machines of "
+                   "2 cores or fewer, else cores - 2 (at most 4). Two threads read tiles.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True,
               help="Network arithmetic. auto: fp16 on CUDA, bf16 on CPUs with native bf16 "
@@ -151,7 +152,7 @@ def _remove_if_empty(folder: Path) -> None:
 @verbosity_options
 @guarded
 def segment(slides: tuple[str, ...], out_dir: Path, weights: Path | None, device: str,
-            batch_size: int, workers: int, precision: str, tile_px: int | None,
+            batch_size: int, workers: int | None, precision: str, tile_px: int | None,
             mpp: float | None, roi: str | None,
             no_tissue_mask: bool, geojson_gz: bool, overwrite: bool, strict: bool,
             as_json: bool, verbose: int) -> None:
