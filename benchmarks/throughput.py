@@ -144,7 +144,7 @@ class RecordingPredictor:
 
     def __init__(self, inner) -> None:
         self.inner, self.recorded = inner, {}
-        for k in ("name", "sha256", "device", "tile_px", "halo_px", "mpp"):
+        for k in ("name", "sha256", "device", "tile_px", "halo_px", "mpp", "precision"):
             setattr(self, k, getattr(inner, k))
 
     def predict(self, tiles, meta=None, regions=None):

@@ -32,8 +32,8 @@ class Thresholds:
     nms: float = 0.4             # box IoU above which the lower-scored box is suppressed
     top_k: int = 1000            # candidate boxes per tile before NMS
     min_area_px: int = 12        # smallest nucleus kept (model px)
-    rescue_prob: float = 0.5     # segmentation probability for rescued components
-    rescue_min_area_px: int = 40
+    rescue_prob: float = 0.5     # unused since inference stopped rescuing segmentation
+    rescue_min_area_px: int = 40  # components; kept so that existing bundles load
     keep_fraction: float = 0.5   # a mask losing more than this to higher-scored ones is dropped
     max_edge_fraction: float = 0.3  # a mask covering more of its crop border is a cut-off piece
 

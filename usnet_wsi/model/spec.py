@@ -4,8 +4,8 @@ Two recipes ship:
 - "paper": follows arXiv 1902.00125 as closely as its text allows ("block size 4" read as a
   first-block width of 4 channels doubling per level; one-channel segmentation; SGD for the U-Net).
 - "default": the same architecture family with a 3-class segmentation output (background,
-  nucleus interior, nucleus boundary) that also rescues nuclei the detector missed, and wider
-  blocks (8 -> 128 channels). See weights/*/MODEL_CARD.md for why.
+  nucleus interior, nucleus boundary) and wider blocks (8 -> 128 channels). See
+  weights/*/MODEL_CARD.md for why.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class ModelSpec:
     refine_width: int = 16
     refine_context: float = 1.5      # detected box side is scaled by this before cropping
     refine_inputs: str = "rgb+seg"   # "rgb" (paper) or "rgb+seg" (also the segmentation probs)
-    rescue_missed: bool = True       # add segmentation components no detection covers
+    rescue_missed: bool = True       # read from older bundles; inference no longer rescues
+                                     # segmentation components (it gave no accuracy)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
