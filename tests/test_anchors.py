@@ -77,3 +77,44 @@ def test_nms_suppresses_overlaps_and_keeps_order():
     keep = nms(boxes, torch.tensor([0.5, 0.9, 0.7]), 0.5)
     assert keep.tolist() == [1, 2]
     assert math.isclose(float(box_iou(boxes[:1], boxes[1:2])), 81 / 119, rel_tol=1e-5)
+
+
+def _greedy_reference(boxes, scores, thr):
+    order = torch.argsort(scores, descending=True, stable=True)
+    over = box_iou(boxes[order], boxes[order]) > thr
+    keep = []
+    for i in range(len(order)):
+        if not any(over[j, i] for j in keep):
+            keep.append(i)
+    return order[torch.tensor(keep, dtype=torch.long)]
+
+
+def test_nms_paths_equal_the_one_by_one_greedy_loop():
+    from usnet_wsi.decode import _greedy_keep_loop, greedy_keep_rounds
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        n = int(torch.randint(1, 120, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 80
+        boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 30 + 1], 1)
+        scores, thr = torch.rand(n, generator=g), float(torch.rand(1, generator=g))
+        want = _greedy_reference(boxes, scores, thr)
+        assert torch.equal(nms(boxes, scores, thr), want)
+        order = torch.argsort(scores, descending=True, stable=True)
+        over = box_iou(boxes[order], boxes[order]) > thr
+        assert torch.equal(order[greedy_keep_rounds(over)], want)      # the device path
+        assert torch.equal(order[_greedy_keep_loop(over)], want)
+
+
+def test_batched_detection_equals_one_image_at_a_time():
+    from usnet_wsi.decode import detect
+    from usnet_wsi.model.spec import ModelSpec
+    anchors = make_anchors(ModelSpec(input_size=128))
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, anchors.shape[0], generator=g) * 3
+    loc = torch.randn(3, anchors.shape[0], 4, generator=g) * 0.5
+    dets = detect(logits, loc, anchors, 0.6, 0.4, 200, 128)
+    for i in range(3):
+        b, s = detect_boxes(logits[i], loc[i], anchors, 0.6, 0.4, 200, 128)
+        assert torch.equal(dets.boxes[dets.image == i], b) and len(b) > 3
+        assert torch.equal(dets.scores[dets.image == i], s)
+        assert (s[:-1] >= s[1:]).all()

@@ -1,16 +1,17 @@
 """Raw detector outputs -> scored boxes: threshold, top-k, decode the survivors, NMS.
 
-`detect` works on a whole batch at once and never leaves the device: candidates of every image
-are decoded together and suppressed by one greedy NMS in which boxes of different images never
-meet. NMS is solved as a fixed point of matrix operations (no loop over boxes), which gives
-exactly the greedy result (torchvision's nms would be the usual choice, but torchvision does
-not install beside the CPU torch build this project targets).
+`detect` works on a whole batch at once: candidates of every image are decoded together and
+suppressed by greedy NMS within their image. On a GPU, NMS is solved as a fixed point of matrix
+operations (no loop over boxes, no host sync per box), which gives exactly the greedy result; on
+a CPU the classic loop over kept boxes is cheaper (torchvision's nms would be the usual choice,
+but torchvision does not install beside the CPU torch build this project targets).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from usnet_wsi.anchors import box_iou, decode
@@ -38,6 +39,13 @@ def greedy_keep(over: torch.Tensor) -> torch.Tensor:
 
     Fixed point: box j is kept iff no kept box ranked above it conflicts with it. Iterating
     from "all kept" settles the first k boxes after k rounds at most; it usually takes 2-4."""
+    if over.device.type == "cpu":
+        return _greedy_keep_loop(over)
+    return greedy_keep_rounds(over)
+
+
+def greedy_keep_rounds(over: torch.Tensor) -> torch.Tensor:
+    """`greedy_keep` by matrix rounds (the device path)."""
     n = over.shape[-1]
     above = torch.triu(over, diagonal=1)
     keep = torch.ones(over.shape[:-1], dtype=torch.bool, device=over.device)
@@ -47,6 +55,18 @@ def greedy_keep(over: torch.Tensor) -> torch.Tensor:
             break
         keep = new
     return keep
+
+
+def _greedy_keep_loop(over: torch.Tensor) -> torch.Tensor:
+    """`greedy_keep` one box at a time in numpy: on a CPU this beats the matrix rounds."""
+    conflicts = over.numpy().reshape(-1, over.shape[-1], over.shape[-1])
+    keep = np.ones(conflicts.shape[:2], dtype=bool)
+    for b, matrix in enumerate(conflicts):
+        row = keep[b]
+        for i in range(len(row)):
+            if row[i]:
+                row[i + 1:] &= ~matrix[i, i + 1:]
+    return torch.from_numpy(keep.reshape(over.shape[:-1]))
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -73,20 +93,47 @@ def detect(conf_logits: torch.Tensor, loc: torch.Tensor, anchors: torch.Tensor,
     if size is not None:
         boxes = boxes.clamp(0, size)
     valid = (top >= score_threshold) & ((boxes[..., 2:] - boxes[..., :2]) > 2).all(dim=-1)
-    over = _batched_iou(boxes) > nms_threshold
-    over &= valid[:, :, None] & valid[:, None, :]
-    keep = greedy_keep(over) & valid
+    if boxes.device.type == "cpu":
+        keep = _nms_sorted_cpu(boxes, valid, nms_threshold)
+    else:
+        over = _batched_iou(boxes) > nms_threshold
+        over &= valid[:, :, None] & valid[:, None, :]
+        keep = greedy_keep(over) & valid
     img, rank = torch.nonzero(keep, as_tuple=True)
     return Detections(boxes[img, rank], top[img, rank], img)
 
 
+def _nms_sorted_cpu(boxes: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Greedy NMS of score-sorted (B, K, 4) boxes in numpy, one kept box at a time: only the
+    kept boxes (a small fraction) are compared with the rest. Returns bool (B, K) kept."""
+    keep = valid.numpy().copy()
+    for b, bx in enumerate(boxes.numpy().astype(np.float32)):
+        x0, y0, x1, y1 = bx.T
+        area = (x1 - x0) * (y1 - y0)
+        alive = keep[b]
+        for i in np.flatnonzero(alive):
+            if not alive[i]:
+                continue
+            rest = slice(i + 1, None)
+            w = np.clip(np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]), 0, None)
+            h = np.clip(np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]), 0, None)
+            inter = w * h
+            iou = inter / np.maximum(area[i] + area[rest] - inter, np.float32(1e-9))
+            alive[rest] &= ~(iou > threshold)
+    return torch.from_numpy(keep)
+
+
 def _batched_iou(boxes: torch.Tensor) -> torch.Tensor:
     """(B, K, 4) xyxy -> (B, K, K) IoU within each image."""
-    lt = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
-    rb = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area = (boxes[..., 2:] - boxes[..., :2]).prod(-1)
-    return inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-9)
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    w = (torch.minimum(x1[:, :, None], x1[:, None, :])
+         - torch.maximum(x0[:, :, None], x0[:, None, :])).clamp_(min=0)
+    h = (torch.minimum(y1[:, :, None], y1[:, None, :])
+         - torch.maximum(y0[:, :, None], y0[:, None, :])).clamp_(min=0)
+    inter = w.mul_(h)
+    area = (x1 - x0) * (y1 - y0)
+    union = (area[:, :, None] + area[:, None, :]).sub_(inter).clamp_(min=1e-9)
+    return inter.div_(union)
 
 
 def detect_boxes(conf_logits: torch.Tensor, loc: torch.Tensor, anchors: torch.Tensor,

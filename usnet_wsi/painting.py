@@ -57,14 +57,14 @@ def _waves(owner: np.ndarray, flat: np.ndarray, n: int) -> np.ndarray:
     wave = np.zeros(n, np.int64)
     if len(flat) == 0:
         return wave
-    order = np.lexsort((owner, flat))
-    f, o = flat[order], owner[order]
+    key = np.sort(flat * n + owner)                  # by pixel, then by mask
+    f, o = key // n, key % n
     same = f[1:] == f[:-1]                          # consecutive owners of one pixel
-    better, worse = o[:-1][same], o[1:][same]
-    pairs = np.unique(np.stack([better, worse], axis=1), axis=0)
+    pairs = np.unique(o[:-1][same] * n + o[1:][same])
+    better, worse = pairs // n, pairs % n
     for _ in range(n + 1):
         new = wave.copy()
-        np.maximum.at(new, pairs[:, 1], wave[pairs[:, 0]] + 1)
+        np.maximum.at(new, worse, wave[better] + 1)
         if np.array_equal(new, wave):
             break
         wave = new
