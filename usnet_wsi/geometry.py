@@ -70,7 +70,8 @@ def mask_to_polygon(
     Args:
         mask: 2-D array, truthy inside the nucleus.
         origin_xy: position of the mask's top-left pixel corner in the output frame.
-        simplify_px: Douglas-Peucker tolerance (topology preserving), in mask pixels;
+        simplify_px: Douglas-Peucker tolerance in mask pixels (plain Douglas-Peucker, or the
+            topology-preserving variant where the plain one would give an invalid outline);
             0 keeps every marching-squares vertex. The default stays below 0.35 px, the
             smallest distance from a pixel centre to the traced outline, so simplifying
             (about 3x fewer vertices) practically never changes which pixels are inside;
@@ -96,7 +97,7 @@ def mask_to_polygon(
     if poly is None:
         return None
     if simplify_px > 0:
-        poly = largest_polygon(poly.simplify(simplify_px, preserve_topology=True)) or poly
+        poly = _simplified(poly, simplify_px)
     ox, oy = float(origin_xy[0]), float(origin_xy[1])
     if ox or oy:
         poly = shapely.transform(poly, lambda xy: xy + (ox, oy))
@@ -145,6 +146,15 @@ def _fill_part(out: np.ndarray, part: Polygon, value: Any, origin_xy: tuple[floa
     inside = shapely.contains_xy(part, xs[None, :], ys[:, None])
     out[r_lo:r_hi, c_lo:c_hi][inside] = value
     return int(np.count_nonzero(inside))
+
+
+def _simplified(poly: Polygon, tolerance: float) -> Polygon:
+    """Plain Douglas-Peucker (fast) when its result is a valid polygon, else the slower
+    topology-preserving simplification."""
+    fast = poly.simplify(tolerance, preserve_topology=False)
+    if isinstance(fast, Polygon) and not fast.is_empty and fast.is_valid and fast.area > 0:
+        return fast
+    return largest_polygon(poly.simplify(tolerance, preserve_topology=True)) or poly
 
 
 def polygon_to_mask(
