@@ -7,7 +7,8 @@ at the images' own resolution (0.2527 um/px), so it is read, resampled and tiled
 Each measurement runs in its own subprocess (clean memory and thread state):
 
 - forward: the predictor's network forward pass alone (same model, layout and precision as
-  `segment` uses) on the slide's planned tissue tiles, read beforehand; tiles/s;
+  `segment` uses) on the slide's planned tissue tiles, read beforehand; tiles/s; run before and
+  after the end-to-end run, the faster counts;
 - e2e: `segment_slide` on the slide, with wall time, seconds per stage, tiles/s, tissue MP/s
   (level-0 megapixels of the tile cores) and peak RSS of the main process plus its workers;
 - replay (`--workers` 1 and 2): the same run with a predictor that returns outputs recorded
@@ -251,7 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     slide = make_slide(args)
     opts = {"slide": str(slide), "weights": args.weights, "device": args.device,
             "batch_size": args.batch_size, "workers": args.workers, "tile_px": args.tile_px}
-    result = {"forward": in_subprocess("forward", opts), "e2e": in_subprocess("e2e", opts)}
+    # forward-only before and after the end-to-end run; the faster one counts (the machine may
+    # be busy with something else during one of them; the faster forward is the stricter ratio)
+    first = in_subprocess("forward", opts)
+    result = {"e2e": in_subprocess("e2e", opts)}
+    second = in_subprocess("forward", opts)
+    result["forward"] = max(first, second, key=lambda r: r["tiles_per_s"])
+    result["forward_runs_tiles_per_s"] = [first["tiles_per_s"], second["tiles_per_s"]]
     result["replay"] = {w: in_subprocess("replay", {**opts, "workers": w}) for w in (1, 2)}
     result["ratio_e2e_to_forward"] = (result["forward"]["tiles_per_s"]
                                       / result["e2e"]["tiles_per_s"])

@@ -135,7 +135,6 @@ def _refine(model: USNet, x: torch.Tensor, out: USNetOutput, image: torch.Tensor
     inp = x.float()
     if model.spec.refine_inputs == "rgb+seg":
         inp = torch.cat([inp, model.seg_probs(out.seg_logits.float())], dim=1)
-    inp = inp.float()
     patches = crop_resize(inp, image, crops, model.spec.refine_size)
     if x.is_contiguous(memory_format=torch.channels_last):
         patches = patches.contiguous(memory_format=torch.channels_last)
