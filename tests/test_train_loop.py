@@ -71,3 +71,57 @@ def test_train_command_refuses_a_bad_validation_fraction(tmp_path: Path):
     res = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "b"),
                                     "--val", "1.5"])
     assert res.exit_code == 2 and "--val" in res.output
+
+
+def _tiny_bundle(folder: Path, recipe: str = "default") -> Path:
+    import torch
+    from usnet_wsi.model.bundle import Thresholds, save_bundle
+    from usnet_wsi.model.spec import ModelSpec
+    from usnet_wsi.model.usnet import USNet
+    torch.manual_seed(3)
+    spec = ModelSpec(recipe=recipe, base_width=2, max_width=8, head_width=8, refine_width=4)
+    return save_bundle(folder, "tiny", USNet(spec), spec, Thresholds(score=0.3), "card",
+                       extra={"inference_tile_px": 200})
+
+
+def test_fine_tuning_starts_from_the_bundle_and_changes_its_weights(tmp_path: Path):
+    init = _tiny_bundle(tmp_path / "init")
+    cfg = TrainConfig(out=tmp_path / "tuned", epochs=1, batch_size=2, init=init, name="tuned",
+                      lr_scale=0.3)
+    out = train(cfg, [tiny_image(0), tiny_image(1)], [tiny_image(2)], Reporter(0))
+    before, after = load_bundle(init), load_bundle(out)
+    assert after.spec == before.spec                       # the bundle's architecture, not the recipe's
+    assert after.config["init_bundle"] == {"name": "tiny", "sha256": before.sha256}
+    assert after.config["inference_tile_px"] == 200
+    changed = [k for k in before.state if before.state[k].is_floating_point()
+               and not (before.state[k] == after.state[k]).all()]
+    assert len(changed) > len(before.state) // 2
+
+
+def test_init_refusals_name_the_fix(tmp_path: Path):
+    from usnet_wsi.errors import UsageError
+    import pytest
+    paper = _tiny_bundle(tmp_path / "paper", recipe="paper")
+    cfg = TrainConfig(out=tmp_path / "o", epochs=1, batch_size=1, init=paper)
+    with pytest.raises(UsageError, match="--recipe paper"):
+        train(cfg, [tiny_image(0)], [], Reporter(0))
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    a = tiny_image(0)
+    Image.fromarray(a.rgb).save(data / "images" / "img0.png")
+    Image.fromarray(a.labels.astype(np.uint16)).save(data / "labels" / "img0.png")
+    base = ["train", str(data), "--out", str(tmp_path / "b"), "--val", "none", "--epochs", "1"]
+    for extra, code, words in ((["--init", "no-such-bundle"], 1, "usnet-monuseg-v1"),
+                               (["--init", str(paper)], 2, "--recipe paper"),
+                               (["--init", "usnet-monuseg-v1", "--resume"], 2, "--resume")):
+        res = CliRunner().invoke(main, base + extra)
+        assert res.exit_code == code, res.output
+        assert words in res.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_shipped_bundle_is_found_by_name():
+    from usnet_wsi.cli.train import resolve_init
+    from usnet_wsi.model.bundle import DEFAULT_BUNDLE, default_bundle_path
+    assert resolve_init(DEFAULT_BUNDLE, resume=False) == default_bundle_path()

@@ -38,6 +38,19 @@ def split_validation(names: list[str], val: str | None, seed: int) -> set[str]:
     return set(rng.choice(sorted(names), size=k, replace=False).tolist())
 
 
+def resolve_init(init: str | None, resume: bool) -> Path | None:
+    """--init: a bundle folder, or the name of a shipped bundle; checked before any training."""
+    if init is None:
+        return None
+    if resume:
+        raise UsageError("--init and --resume both say where training starts",
+                         "use --resume to continue a run, --init to start a new one from a bundle")
+    from usnet_wsi.model.bundle import load_bundle, shipped_bundle_path
+    path = Path(init) if Path(init).exists() else shipped_bundle_path(init)
+    load_bundle(path)          # verified now: a bad bundle fails before the data is read
+    return path
+
+
 @click.command()
 @click.argument("data", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
@@ -56,11 +69,18 @@ def split_validation(names: list[str], val: str | None, seed: int) -> set[str]:
               show_default=True, help="'paper' follows arXiv 1902.00125 as closely as it allows.")
 @click.option("--val-every", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--name", default=None, help="Bundle name (default: the OUT folder name).")
+@click.option("--init", "init", default=None, metavar="BUNDLE",
+              help="Start from a bundle's weights (fine-tuning): a bundle folder, or the name of "
+                   "a bundle shipped with usnet-wsi (e.g. usnet-monuseg-v1).")
+@click.option("--lr-scale", default=1.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Multiply every learning rate (e.g. 0.3 when fine-tuning with --init).")
 @verbosity_options
 @guarded
 def train(data: tuple[Path, ...], out: Path, val: str, epochs: int, batch_size: int,
           device: str, max_minutes: float | None, resume: bool, seed: int, recipe: str,
-          val_every: int, name: str | None, verbose: int) -> None:
+          val_every: int, name: str | None, init: str | None, lr_scale: float,
+          verbose: int) -> None:
     """Train US-Net (detector + segmenter) and the 48x48 refiner on annotated H&E images.
 
     DATA folders hold images/ with labels/ (instance maps) and/or annotations/ (ImageScope XML),
@@ -70,6 +90,7 @@ def train(data: tuple[Path, ...], out: Path, val: str, epochs: int, batch_size: 
     from usnet_wsi.training.data import discover, load_pair
     from usnet_wsi.training.loop import TrainConfig, train as run
     reporter = make_reporter(verbose)
+    init_path = resolve_init(init, resume)
     pairs = [p for folder in data for p in discover(folder)]
     names = [p[0].stem for p in pairs]
     val_names = split_validation(names, val, seed)
@@ -81,7 +102,8 @@ def train(data: tuple[Path, ...], out: Path, val: str, epochs: int, batch_size: 
         raise UsageError("no training images left after the validation split", "use a smaller --val")
     cfg = TrainConfig(out=out, recipe=recipe, epochs=epochs, batch_size=batch_size,
                       max_minutes=max_minutes, device=device, seed=seed, resume=resume,
-                      val_every=val_every, name=name or out.name)
+                      val_every=val_every, name=name or out.name, init=init_path,
+                      lr_scale=lr_scale)
     info = {"validation_images": sorted(val_names), "train_images": sorted(a.name for a in train_set),
             "command": "usnet-wsi " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "torch_threads": torch.get_num_threads()}

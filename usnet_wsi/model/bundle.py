@@ -75,6 +75,18 @@ def default_bundle_path() -> Path:
     return Path(str(resources.files("usnet_wsi.weights") / DEFAULT_BUNDLE))
 
 
+def shipped_bundle_path(name: str) -> Path:
+    """The folder of a bundle shipped with usnet-wsi, by name; WeightsError naming the shipped
+    bundles when there is none of that name."""
+    root = Path(str(resources.files("usnet_wsi.weights")))
+    path = root / name
+    if not name or "/" in name or not (path / "config.json").is_file():
+        shipped = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+        raise WeightsError(f"no bundle folder or shipped bundle named {name!r}",
+                           f"give a bundle folder, or one of: {', '.join(shipped)}")
+    return path
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -38,6 +38,7 @@ class TrainConfig:
     refine_per_image: int = 12
     name: str = "usnet-custom"
     lr_scale: float = 1.0
+    init: Path | None = None       # start from this bundle's weights (fine-tuning)
 
 
 @dataclass
@@ -133,7 +134,7 @@ def _init(cfg: TrainConfig, dev: torch.device, reporter: Reporter) -> tuple[
         USNet, list, TrainState]:
     from usnet_wsi.training.checkpoint import load_checkpoint
     torch.manual_seed(cfg.seed)
-    model = USNet(recipe_spec(cfg.recipe)).to(dev)
+    model = initial_model(cfg, reporter).to(dev)
     opts = make_optimizers(model, cfg.recipe, cfg.lr_scale)
     state = TrainState()
     if cfg.resume:
@@ -141,6 +142,25 @@ def _init(cfg: TrainConfig, dev: torch.device, reporter: Reporter) -> tuple[
         reporter.info(f"resumed at epoch {state.epoch} (step {state.step}, "
                       f"best AJI {state.best_aji:.4f})")
     return model, opts, state
+
+
+def initial_model(cfg: TrainConfig, reporter: Reporter) -> USNet:
+    """A fresh model of the recipe, or (`cfg.init`) the weights and architecture of a bundle,
+    which must have been trained with the same recipe."""
+    if cfg.init is None:
+        return USNet(recipe_spec(cfg.recipe))
+    bundle = load_bundle(cfg.init)
+    if bundle.spec.recipe != cfg.recipe:
+        raise UsageError(f"--init {cfg.init}: the bundle was trained with recipe "
+                         f"{bundle.spec.recipe!r}, not {cfg.recipe!r}",
+                         f"add --recipe {bundle.spec.recipe}, or train from scratch")
+    reporter.info(f"starting from {bundle.name} ({bundle.sha256[:12]})")
+    return bundle.build_model().train()
+
+
+def init_thresholds(cfg: TrainConfig) -> Thresholds:
+    """The thresholds to validate with until they are tuned: the init bundle's, else defaults."""
+    return load_bundle(cfg.init).thresholds if cfg.init is not None else Thresholds()
 
 
 def _run_epoch(model, opts, data, anchors, cfg, state, rng, dev, t_start, reporter) -> bool:
@@ -183,7 +203,7 @@ def train(cfg: TrainConfig, data: list[Annotated], val: list[Annotated], reporte
     anchors = make_anchors(model.spec)
     rng = np.random.default_rng([cfg.seed, state.step])
     t_start = time.monotonic()
-    thr = Thresholds()
+    thr = init_thresholds(cfg)
     while state.epoch < cfg.epochs:
         finished = _run_epoch(model, opts, data, anchors, cfg, state, rng, dev, t_start, reporter)
         if finished:
@@ -211,10 +231,21 @@ def train(cfg: TrainConfig, data: list[Annotated], val: list[Annotated], reporte
 
 def _save(cfg, model, thr, state, metrics, card_info) -> None:
     from usnet_wsi.training.card import model_card
-    extra = {"validation_metrics": metrics, "train": {**asdict(cfg), "out": str(cfg.out)},
-             "history": state.history, **(card_info or {})}
+    train_cfg = {**asdict(cfg), "out": str(cfg.out),
+                 "init": None if cfg.init is None else str(cfg.init)}
+    extra = {"validation_metrics": metrics, "train": train_cfg, "history": state.history,
+             **_inherited(cfg), **(card_info or {})}
     save_bundle(cfg.out, cfg.name, model, model.spec, thr,
                 model_card(cfg.name, model.spec, thr, metrics, state, cfg, card_info), extra)
+
+
+def _inherited(cfg: TrainConfig) -> dict:
+    """Inference settings a fine-tuned bundle keeps from the bundle it started from."""
+    if cfg.init is None:
+        return {}
+    init = load_bundle(cfg.init)
+    keep = {k: init.config[k] for k in ("inference_tile_px",) if k in init.config}
+    return {**keep, "init_bundle": {"name": init.name, "sha256": init.sha256}}
 
 
 def finalize(cfg: TrainConfig, val: list[Annotated], dev, state: TrainState, reporter: Reporter,
