@@ -26,6 +26,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -256,7 +257,7 @@ def tile_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
     except BaseException as err:
         for _, _, fut in pending:
             fut.cancel()
-        if type(err).__name__ == "BrokenProcessPool":
+        if isinstance(err, BrokenProcessPool):
             _drop_pool(settings.workers)
         raise
 
