@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -125,3 +126,71 @@ def test_the_shipped_bundle_is_found_by_name():
     from usnet_wsi.cli.train import resolve_init
     from usnet_wsi.model.bundle import DEFAULT_BUNDLE, default_bundle_path
     assert resolve_init(DEFAULT_BUNDLE, resume=False) == default_bundle_path()
+
+
+def _write_dataset(folder: Path, images: list[Annotated], sources: dict[str, str] | None = None):
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    for a in images:
+        Image.fromarray(a.rgb).save(folder / "images" / f"{a.name}.png")
+        Image.fromarray(a.labels.astype(np.uint16)).save(folder / "labels" / f"{a.name}.png")
+    if sources:
+        manifest = [{"name": n, "source_image": s} for n, s in sources.items()]
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _tile(name: str, seed: int, size: int = 256) -> Annotated:
+    a = tiny_image(seed, size)
+    return Annotated(name, a.rgb, a.labels)
+
+
+def test_two_datasets_small_tiles_grouped_validation_and_per_dataset_metrics(tmp_path: Path):
+    big = tmp_path / "big"
+    _write_dataset(big, [Annotated(f"big{i}", *_pair(tiny_image(i))) for i in range(3)])
+    small = tmp_path / "small"
+    tiles = {f"s{src}_{k}": f"s{src}" for src in range(3) for k in range(2)}
+    _write_dataset(small, [_tile(n, 10 + i) for i, n in enumerate(tiles)], tiles)
+    out = tmp_path / "b"
+    res = CliRunner().invoke(main, ["train", f"{big}@0.25", str(small), "--out", str(out),
+                                    "--epochs", "1", "--batch-size", "2", "--val", "0.34",
+                                    "--val-every", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    config = load_bundle(out).config
+    val = set(config["validation_images"])
+    val_sources = {tiles[n] for n in val if n in tiles}
+    assert len(val_sources) == 1                         # one source image of the tiles ...
+    assert {n for n, s in tiles.items() if s in val_sources} <= val   # ... with all its tiles
+    assert any(n.startswith("big") for n in val)         # and a share of the other dataset
+    assert config["datasets"] == ["big", "small"]
+    metrics = config["validation_metrics"]
+    assert {"big/aji", "small/aji", "aji"} <= set(metrics)
+    assert metrics["aji"] == pytest.approx((metrics["big/aji"] + metrics["small/aji"]) / 2,
+                                           abs=1e-3)
+
+
+def _pair(a: Annotated):
+    return a.rgb, a.labels
+
+
+def test_data_at_mpp_is_parsed_and_images_are_resampled(tmp_path: Path):
+    from usnet_wsi.cli.train import parse_data
+    from usnet_wsi.errors import UsageError
+    from usnet_wsi.training.data import rescale
+    assert parse_data(tmp_path / "x@0.5") == (tmp_path / "x", 0.5)
+    assert parse_data(tmp_path) == (tmp_path, None)
+    with pytest.raises(UsageError, match="DATA@MPP"):
+        parse_data(tmp_path / "x@fast")
+    a = tiny_image(0, 200)
+    half = rescale(a, 0.5, 0.25)                    # 0.5 um/px -> 0.25: twice the pixels
+    assert half.rgb.shape == (400, 400, 3) and half.labels.shape == (400, 400)
+    assert set(np.unique(half.labels)) == set(np.unique(a.labels))
+    assert rescale(a, 0.2505, 0.25) is a
+
+
+def test_tiles_smaller_than_the_model_input_are_padded_not_stretched():
+    from usnet_wsi.training.data import pad_to
+    a = tiny_image(0, 256)
+    rgb, lab = pad_to(a.rgb, a.labels, 300, np.random.default_rng(0))
+    assert rgb.shape == (300, 300, 3) and lab.shape == (300, 300)
+    assert (lab > 0).sum() == (a.labels > 0).sum()      # every nucleus kept at its size
+    assert (rgb[lab == 0] == 255).all(axis=1).sum() >= 300 * 300 - 256 * 256

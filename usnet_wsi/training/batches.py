@@ -9,7 +9,8 @@ import torch
 
 from usnet_wsi.anchors import encode, match
 from usnet_wsi.model.spec import ModelSpec
-from usnet_wsi.training.data import Annotated, augment, boxes_of, crop_origins, seg_target
+from usnet_wsi.training.data import (Annotated, augment, boxes_of, crop_origins, pad_to,
+                                     seg_target)
 
 
 @dataclass
@@ -35,8 +36,9 @@ def make_batch(data: list[Annotated], windows: list[tuple[int, int, int]], spec:
     imgs, segs, labs, alabs, locs, boxes, ids = [], [], [], [], [], [], []
     for i, y, x in windows:
         a = data[i]
-        rgb, lab = augment(a.rgb[y:y + window, x:x + window], a.labels[y:y + window, x:x + window],
-                           spec.input_size, rng)
+        rgb, lab = pad_to(a.rgb[y:y + window, x:x + window], a.labels[y:y + window, x:x + window],
+                          spec.input_size, rng)
+        rgb, lab = augment(rgb, lab, spec.input_size, rng)
         b, bid = boxes_of(lab)
         bt = torch.from_numpy(b)
         al, gi = match(bt, anchors)

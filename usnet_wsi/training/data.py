@@ -30,6 +30,54 @@ class Annotated:
     name: str
     rgb: np.ndarray       # uint8 (H, W, 3)
     labels: np.ndarray    # int32 (H, W) instance map, 0 = background
+    dataset: str = ""     # the DATA folder it came from
+    group: str = ""       # source image (tiles of one image share it); "" = the image itself
+
+    @property
+    def source(self) -> str:
+        return self.group or self.name
+
+
+def source_groups(folder: Path) -> dict[str, str]:
+    """{image name: source image} from a dataset's manifest.json ("source_image" per entry),
+    so that tiles cut from one image are never split between training and validation."""
+    import json
+    path = Path(folder) / "manifest.json"
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(entries, list):
+        return {}
+    return {str(e["name"]): str(e["source_image"]) for e in entries
+            if isinstance(e, dict) and "name" in e and e.get("source_image")}
+
+
+def rescale(a: Annotated, mpp: float, model_mpp: float) -> Annotated:
+    """The image and labels resampled from `mpp` to the model's resolution (unchanged within
+    0.5%)."""
+    scale = mpp / model_mpp
+    if abs(scale - 1) < 0.005:
+        return a
+    h, w = a.labels.shape
+    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    rgb = resize(a.rgb, shape, order=1, preserve_range=True, anti_aliasing=scale < 1)
+    labels = resize(a.labels, shape, order=0, preserve_range=True, anti_aliasing=False)
+    return Annotated(a.name, rgb.astype(np.uint8), labels.astype(np.int32), a.dataset, a.group)
+
+
+def pad_to(rgb: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Pad an image smaller than `size` on a side with white glass (no nuclei), at a random
+    offset, so that small tiles train at their true scale."""
+    h, w = labels.shape
+    ph, pw = max(0, size - h), max(0, size - w)
+    if not ph and not pw:
+        return rgb, labels
+    top, left = int(rng.integers(0, ph + 1)), int(rng.integers(0, pw + 1))
+    pads = ((top, ph - top), (left, pw - left))
+    return (np.pad(rgb, pads + ((0, 0),), constant_values=255),
+            np.pad(labels, pads, constant_values=0))
 
 
 def _read_image(path: Path) -> np.ndarray:

@@ -17,17 +17,25 @@ METRIC_KEYS = ("aji", "pq", "dice", "det_f1")
 
 def validate(model: USNet, data: list[Annotated], thresholds: Thresholds, dev: torch.device,
              mpp: float = 0.25) -> dict[str, float]:
-    """Mean AJI, PQ, Dice and detection F1 over the validation images (per-image mean)."""
+    """AJI, PQ, Dice and detection F1 on the validation images, through the same path as
+    `segment`: per-image means per dataset, and their mean over datasets (so a dataset of many
+    small tiles does not outweigh one of a few large images). With several datasets the
+    per-dataset values are also returned, as "DATASET/aji" and so on."""
     from usnet_wsi.metrics import evaluate_pair
     if not data:
         return {}
     pred = ModelPredictor(model, thresholds, dev)
-    rows = []
+    rows: dict[str, list[dict]] = {}
     for a in data:
         labels, scores = predict_image(pred, a.rgb)
-        rows.append(evaluate_pair(labels, a.labels, scores, mpp))
+        rows.setdefault(a.dataset, []).append(evaluate_pair(labels, a.labels, scores, mpp))
     model.train()
-    return {k: float(np.mean([r[k] or 0.0 for r in rows])) for k in METRIC_KEYS}
+    per = {ds: {k: float(np.mean([r[k] or 0.0 for r in rs])) for k in METRIC_KEYS}
+           for ds, rs in rows.items()}
+    out = {k: float(np.mean([m[k] for m in per.values()])) for k in METRIC_KEYS}
+    if len(per) > 1:
+        out.update({f"{ds}/{k}": v for ds, m in sorted(per.items()) for k, v in m.items()})
+    return out
 
 
 def tune_thresholds(model: USNet, data: list[Annotated], base: Thresholds, dev: torch.device,
