@@ -45,7 +45,8 @@ def model_settings(weights: Path | None, device: str, estimate: bool,
         from usnet_wsi.model.bundle import load_bundle
 
         b = load_bundle(weights)
-        return {"name": b.name, "tile_px": b.spec.input_size, "halo_px": b.spec.halo_px,
+        tile = b.config.get("inference_tile_px") or b.spec.input_size
+        return {"name": b.name, "tile_px": tile, "halo_px": b.spec.halo_px,
                 "mpp": b.spec.mpp, "device": None}, None
     except WeightsError as err:
         if weights is not None:

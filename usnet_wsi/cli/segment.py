@@ -125,7 +125,7 @@ def _remove_if_empty(folder: Path) -> None:
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Weights bundle folder (default: the bundle shipped with usnet-wsi).")
 @click.option("--device", default="auto", show_default=True,
-              help="auto, cpu, cuda or cuda:N (auto: CUDA if present, with AMP).")
+              help="auto, cpu, cuda or cuda:N (auto: CUDA if present).")
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Tiles per model batch.")
 @click.option("--workers", type=int, default=None,
