@@ -94,6 +94,7 @@ def test_fine_tuning_starts_from_the_bundle_and_changes_its_weights(tmp_path: Pa
     assert after.spec == before.spec                       # the bundle's architecture, not the recipe's
     assert after.config["init_bundle"] == {"name": "tiny", "sha256": before.sha256}
     assert after.config["inference_tile_px"] == 200
+    assert "Fine-tuned from `tiny`" in (out / "MODEL_CARD.md").read_text()
     changed = [k for k in before.state if before.state[k].is_floating_point()
                and not (before.state[k] == after.state[k]).all()]
     assert len(changed) > len(before.state) // 2

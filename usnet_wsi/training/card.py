@@ -45,6 +45,31 @@ CHOICES = """\
 """
 
 
+_KNOWN_DATA = {
+    "monuseg": ("MoNuSeg 2018 training images (Kumar et al., IEEE TMI 2017/2019; TCGA H&E, "
+                "7 organs, 1000x1000 at 0.2527 um/px)",
+                "CC BY-NC-SA 4.0 (non-commercial, share-alike), inherited from MoNuSeg"),
+    "consep": ("CoNSeP training tiles (Graham et al., HoVer-Net, Medical Image Analysis 2019; "
+               "colorectal adenocarcinoma, University Hospitals Coventry and Warwickshire)",
+               "CoNSeP's research terms (TIA Centre, University of Warwick): research, "
+               "non-commercial use"),
+}
+
+
+def data_text(info: dict[str, Any]) -> str:
+    """What the bundle was trained on and the license that follows from it."""
+    folders = info.get("datasets") or ["monuseg"]
+    known = [v for k, v in _KNOWN_DATA.items() if any(k in f.lower() for f in folders)]
+    unknown = [f for f in folders if not any(k in f.lower() for k in _KNOWN_DATA)]
+    parts = [d for d, _ in known] + [f"the annotated images in `{f}`" for f in unknown]
+    terms = [t for _, t in known] + (["the terms of the user's own data"] if unknown else [])
+    init = info.get("init_bundle")
+    start = (f" Fine-tuned from `{init['name']}` (SHA-256 {init['sha256'][:12]}...), whose "
+             "training data and license carry over." if init else "")
+    return (f"Trained on {'; '.join(parts)}.{start} **License: {'; plus '.join(terms)}.** "
+            "Weights inherit the terms of all their training data.")
+
+
 def model_card(name: str, spec: ModelSpec, thr: Thresholds, metrics: dict[str, float],
                state: Any, cfg: Any, info: dict[str, Any] | None) -> str:
     info = info or {}
@@ -59,9 +84,7 @@ US-Net (Xu et al., arXiv 1902.00125) nuclei detector + segmenter + 48x48 refiner
 {spec.mpp} um/px (40x), recipe `{spec.recipe}`. Written by `usnet-wsi train`.
 
 ## Data and license
-Trained on MoNuSeg 2018 training images (Kumar et al., IEEE TMI 2017/2019; TCGA H&E, 7 organs,
-1000x1000 at 0.2527 um/px). **License: CC BY-NC-SA 4.0 (non-commercial, share-alike),
-inherited from MoNuSeg.** Training images: {len(info.get('train_images', []))}.
+{data_text(info)} Training images: {len(info.get('train_images', []))}.
 Validation split (never trained on): {val}.
 
 ## Validation (per-image mean over the validation images, in-memory tiling)

@@ -235,8 +235,9 @@ def _save(cfg, model, thr, state, metrics, card_info) -> None:
                  "init": None if cfg.init is None else str(cfg.init)}
     extra = {"validation_metrics": metrics, "train": train_cfg, "history": state.history,
              **_inherited(cfg), **(card_info or {})}
-    save_bundle(cfg.out, cfg.name, model, model.spec, thr,
-                model_card(cfg.name, model.spec, thr, metrics, state, cfg, card_info), extra)
+    card = model_card(cfg.name, model.spec, thr, metrics, state, cfg,
+                      {**(card_info or {}), **_inherited(cfg)})
+    save_bundle(cfg.out, cfg.name, model, model.spec, thr, card, extra)
 
 
 def _inherited(cfg: TrainConfig) -> dict:
