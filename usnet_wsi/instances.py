@@ -86,19 +86,24 @@ class InstanceBatch:
 
 def paint_masks(masks: Sequence[np.ndarray], origins: Sequence[tuple[int, int]],
                 scores: Sequence[float], size: int) -> TileInstances:
-    """Host-side painting of given masks (best score first, first come keeps a pixel) into a
-    tile label map; for predictors that produce masks themselves (e.g. test oracles)."""
-    labels = np.zeros((size, size), np.int32)
+    """Host-side painting of given masks into a tile label map with the same painter as the
+    model's masks (`usnet_wsi.painting`; best score first, no minimum size); for predictors
+    that produce masks themselves (e.g. test oracles). Masks are clipped to the tile."""
     order = sorted(range(len(masks)), key=lambda i: -float(scores[i]))
-    kept = []
-    for i in order:
-        m, (x0, y0) = np.asarray(masks[i], bool), origins[i]
-        window = labels[y0:y0 + m.shape[0], x0:x0 + m.shape[1]]
-        free = m[:window.shape[0], :window.shape[1]] & (window == 0)
-        if free.any():
-            kept.append(float(scores[i]))
-            window[free] = len(kept)
-    return TileInstances(labels, np.array(kept, np.float32), len(masks))
+    owners, flats = [], []
+    for rank, i in enumerate(order):
+        r, c = np.nonzero(np.asarray(masks[i], bool))
+        y, x = r + origins[i][1], c + origins[i][0]
+        inside = (y >= 0) & (y < size) & (x >= 0) & (x < size)
+        owners.append(np.full(int(inside.sum()), rank, np.int64))
+        flats.append(y[inside].astype(np.int64) * size + x[inside])
+    n = len(order)
+    pixels = MaskPixels(np.concatenate(owners or [np.zeros(0, np.int64)]),
+                        np.concatenate(flats or [np.zeros(0, np.int64)]), np.ones(n, np.int64),
+                        np.ones(n, bool), np.zeros(n, np.int64))
+    labels, kept = paint_batch(pixels, 1, size)
+    sorted_scores = np.array([float(scores[i]) for i in order], np.float32)
+    return TileInstances(labels[0], sorted_scores[kept], len(masks))
 
 
 # ----------------------------------------------------------------------------- the flow

@@ -20,6 +20,7 @@ from skimage.color import rgb2hed
 __all__ = [
     "MEASUREMENT_NAMES",
     "eccentricities",
+    "hematoxylin_od",
     "hematoxylin_od_mean",
     "measurement_rows",
     "nucleus_measurements",
@@ -174,6 +175,12 @@ def hematoxylin_od_mean(rgb: np.ndarray, mask: np.ndarray) -> float:
         )
     if not mask.any():
         return float("nan")
-    pixels = rgb[mask][np.newaxis]  # (1, n, 3): deconvolve only the nucleus pixels
-    hematoxylin = rgb2hed(pixels)[..., 0]
-    return float(hematoxylin.mean() * _SKIMAGE_STAIN_TO_OD)
+    return float(hematoxylin_od(rgb[mask]).mean())
+
+
+def hematoxylin_od(pixels: np.ndarray) -> np.ndarray:
+    """Hematoxylin optical density (base-10 OD units) of (n, 3) RGB pixels (deconvolved
+    alone, not as an image)."""
+    if len(pixels) == 0:
+        return np.zeros(0)
+    return rgb2hed(np.asarray(pixels)[np.newaxis])[0, :, 0] * _SKIMAGE_STAIN_TO_OD

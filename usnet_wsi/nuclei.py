@@ -15,14 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from shapely.geometry import Polygon
-from skimage.color import rgb2hed
 
 from usnet_wsi.geometry import mask_to_polygon, transform_polygon
+from usnet_wsi.measure import hematoxylin_od
 
 __all__ = ["Nucleus", "TileFrame", "tile_nuclei"]
-
-# skimage's rgb2hed gives -log10(I) / 6 (see usnet_wsi.measure); x 6 gives OD units.
-_HED_TO_OD = 6.0
 
 
 @dataclass
@@ -79,7 +76,7 @@ def tile_nuclei(frame: TileFrame, rgb: np.ndarray, labels: np.ndarray,
     with np.errstate(invalid="ignore", divide="ignore"):
         cx = np.bincount(lab, weights=cols + 0.5, minlength=n + 1)[1:] / area
         cy = np.bincount(lab, weights=rows + 0.5, minlength=n + 1)[1:] / area
-        od = np.bincount(lab, weights=_hematoxylin(rgb[rows, cols]), minlength=n + 1)[1:] / area
+        od = np.bincount(lab, weights=hematoxylin_od(rgb[rows, cols]), minlength=n + 1)[1:] / area
     owned = (area > 0) & frame.claims(frame.to_l0(np.column_stack([cx, cy])))
     boxes = ndimage.find_objects(labels, max_label=n)
     out = []
@@ -90,10 +87,3 @@ def tile_nuclei(frame: TileFrame, rgb: np.ndarray, labels: np.ndarray,
             out.append(Nucleus(transform_polygon(poly, frame.to_l0), float(scores[k]),
                                frame.index, float(od[k])))
     return out
-
-
-def _hematoxylin(pixels: np.ndarray) -> np.ndarray:
-    """Hematoxylin optical density (base-10 OD units) of (n, 3) RGB pixels."""
-    if len(pixels) == 0:
-        return np.zeros(0)
-    return rgb2hed(pixels[np.newaxis])[0, :, 0] * _HED_TO_OD
