@@ -227,17 +227,35 @@ def test_same_name_from_another_slide_is_refused(tmp_path, slide, reporter):
         segment_slide(other.path, cfg, oracle_for(other), reporter)
 
 
-def test_a_failing_run_leaves_nothing_behind(tmp_path, slide, reporter):
-    class Failing(OraclePredictor):
-        def predict(self, tiles, meta=None, regions=None):
-            if meta[0].index > 10:
-                raise RuntimeError("device lost")
-            return super().predict(tiles, meta, regions)
+class _Failing(OraclePredictor):
+    def predict(self, tiles, meta=None, regions=None):
+        if meta[0].index > 10:
+            raise RuntimeError("device lost")
+        return super().predict(tiles, meta, regions)
 
+
+def test_a_failing_run_leaves_no_outputs_only_its_journal(tmp_path, slide, reporter):
     cfg = config(tmp_path, batch_size=2)
     with pytest.raises(RuntimeError, match="device lost"):
-        segment_slide(slide.path, cfg, Failing.for_slide(slide, MPP, TILE, HALO), reporter)
-    assert list(cfg.out_dir.iterdir()) == []
+        segment_slide(slide.path, cfg, _Failing.for_slide(slide, MPP, TILE, HALO), reporter)
+    assert [p.name for p in cfg.out_dir.iterdir()] == [".case-01.partial"]
+
+
+def test_a_failed_run_is_resumed_and_gives_the_same_outputs(tmp_path, slide, reporter):
+    ref = config(tmp_path, out_dir=tmp_path / "ref")
+    segment_slide(slide.path, ref, oracle_for(slide), reporter)
+    cfg = config(tmp_path, batch_size=2)
+    with pytest.raises(RuntimeError, match="device lost"):
+        segment_slide(slide.path, cfg, _Failing.for_slide(slide, MPP, TILE, HALO), reporter)
+    oracle = oracle_for(slide)
+    assert segment_slide(slide.path, cfg, oracle, reporter).status == "done"
+    record = json.loads(output_paths(cfg.out_dir, "case-01", False).run_json.read_text())
+    tiles = record["counts"]["tiles"]
+    assert 0 < record["counts"]["resumed_tiles"] <= 12 < tiles   # tiles before the failed batch
+    assert oracle.calls < math.ceil(tiles / 2)          # only the remaining tiles were predicted
+    a, b = (output_paths(d, "case-01", False) for d in (ref.out_dir, cfg.out_dir))
+    assert a.geojson.read_bytes() == b.geojson.read_bytes()
+    assert [p.name for p in cfg.out_dir.iterdir() if p.name.startswith(".")] == []
 
 
 def test_slide_errors_come_before_any_output(tmp_path, reporter):

@@ -191,3 +191,33 @@ def test_non_square_pixels_model_sees_its_own_mpp_and_areas_are_right(tmp_path, 
     assert np.allclose(areas, math.pi * r_um ** 2, rtol=0.15)
     xs = [c[0] for f in fc["features"] for c in f["geometry"]["coordinates"][0]]
     assert max(xs) > 700                                  # polygons in level-0 pixels
+
+
+def test_unreadable_tiles_of_a_resumed_run_are_still_recorded(tmp_path, reporter):
+    """The journal keeps which of its tiles could not be read: run.json of a resumed run lists
+    the same unreadable tiles as an uninterrupted one, and the GeoJSON is the same."""
+    slide = corrupt_slide(tmp_path / "c.svs")
+
+    class LostLate(BlankAware):
+        def predict(self, tiles, meta=None, regions=None):
+            if meta[-1].index >= 24:
+                raise RuntimeError("device lost")
+            return super().predict(tiles, meta, regions)
+
+    def blank_aware_oracle(cls=BlankAware):
+        return cls(nuclei(), W, H, MPP, TILE, HALO)
+
+    runs = {}
+    for name in ("whole", "resumed"):
+        cfg = SegmentConfig(out_dir=tmp_path / name, batch_size=2)
+        cfg.out_dir.mkdir()
+        if name == "resumed":
+            with pytest.raises(RuntimeError):
+                segment_slide(slide, cfg, blank_aware_oracle(LostLate), reporter)
+        segment_slide(slide, cfg, blank_aware_oracle(), reporter)
+        paths = output_paths(cfg.out_dir, "c", False)
+        runs[name] = (json.loads(paths.run_json.read_text()), paths.geojson.read_bytes())
+    (whole, whole_geo), (resumed, resumed_geo) = runs["whole"], runs["resumed"]
+    assert resumed["counts"]["resumed_tiles"] == 24 and whole["unreadable_tiles"]
+    assert resumed["unreadable_tiles"] == whole["unreadable_tiles"]
+    assert resumed_geo == whole_geo

@@ -119,6 +119,7 @@ class SegmentConfig:
     iou_threshold: float = 0.3            # cross-tile duplicate rule (polygon IoU)
     precision: str = "auto"               # network precision: auto, fp32, bf16, fp16 (CUDA)
     tile_px: int | None = None            # inference tile side; None: the bundle's
+    resume: bool = True                   # continue an interrupted run from its journal
     argv: tuple[str, ...] = ()            # the command line, recorded in run.json
 
     def __post_init__(self) -> None:

@@ -93,13 +93,14 @@ class EngineCounts:
     detected: int = 0          # detections after NMS (before ownership)
     owned: int = 0             # nuclei kept by their owning tile (before merge)
     nuclei: int = 0            # final nuclei after merge
+    resumed: int = 0           # tiles taken from a resume journal instead of the model
     merge: dict[str, int] = field(default_factory=dict)   # Merger statistics
 
 
 def read_tiles(slide: RegionReader, plan: TilePlan, workers: int, window: int,
-               times: StageTimes) -> Iterator[tuple[Tile, np.ndarray]]:
-    """Yield (tile, uint8 RGB tile_px x tile_px) in plan order, read by `workers` threads
-    at most `window` tiles ahead of the consumer."""
+               times: StageTimes, start: int = 0) -> Iterator[tuple[Tile, np.ndarray]]:
+    """Yield (tile, uint8 RGB tile_px x tile_px) in plan order from tile `start` on, read by
+    `workers` threads at most `window` tiles ahead of the consumer."""
     size = (plan.tile_px, plan.tile_px)
 
     def read(tile: Tile) -> np.ndarray:
@@ -111,7 +112,7 @@ def read_tiles(slide: RegionReader, plan: TilePlan, workers: int, window: int,
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="usnet-read")
     pending: deque[tuple[Tile, Future]] = deque()
     try:
-        for tile in plan.tiles:
+        for tile in plan.tiles[start:]:
             pending.append((tile, pool.submit(read, tile)))
             if len(pending) >= max(1, window):
                 head, fut = pending.popleft()
@@ -236,17 +237,19 @@ def _result(item: tuple[Tile, int, Future], times: StageTimes) -> TileResult:
 
 
 def tile_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
-                 settings: EngineSettings, times: StageTimes) -> Iterator[TileResult]:
-    """Per-tile results in plan order; reading, model and CPU stage overlap."""
+                 settings: EngineSettings, times: StageTimes,
+                 start: int = 0) -> Iterator[TileResult]:
+    """Per-tile results in plan order from tile `start` on; reading, model and CPU stage
+    overlap."""
     if (predictor.tile_px, predictor.halo_px) != (plan.tile_px, plan.halo_px):
         raise ValueError(f"plan tiles {plan.tile_px}/{plan.halo_px} px do not match the "
                          f"predictor's {predictor.tile_px}/{predictor.halo_px} px")
-    pool = cpu_pool(settings.workers) if plan.tiles else _Inline()
+    pool = cpu_pool(settings.workers) if plan.tiles[start:] else _Inline()
     pending: deque[tuple[Tile, int, Future]] = deque()
     max_pending = 2 * settings.batch_size + max(settings.workers, 1)
     try:
         with closing(read_tiles(slide, plan, READ_THREADS, settings.prefetch_tiles,
-                                times)) as tiles:
+                                times, start)) as tiles:
             for batch in batched(tiles, settings.batch_size):
                 found = _predict(predictor, batch, plan, times)
                 pending.extend(_submit_batch(pool, batch, found, plan, times))
@@ -271,19 +274,47 @@ class MergedStep:
     horizon_y_l0: float
 
 
+class Journal(Protocol):
+    """Where a run keeps its finished tiles so that a re-run can continue (see
+    `usnet_wsi.journal`): `done` are the results of the plan's first tiles from an earlier
+    run, `record` keeps each new result."""
+
+    done: list[TileResult]
+
+    def record(self, result: TileResult) -> None: ...
+
+
+def _all_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
+                 settings: EngineSettings, times: StageTimes,
+                 journal: Journal | None) -> Iterator[TileResult]:
+    """The journal's results first, then the model's for the remaining tiles (recorded)."""
+    done = journal.done if journal is not None else []
+    yield from done
+    with closing(tile_results(slide, plan, predictor, settings, times, len(done))) as results:
+        for res in results:
+            if journal is not None:
+                t0 = time.perf_counter()
+                journal.record(res)
+                times.add("journal", time.perf_counter() - t0)
+            yield res
+
+
 def merged_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
                   settings: EngineSettings, task: Task | None = None,
-                  times: StageTimes | None = None,
-                  counts: EngineCounts | None = None) -> Iterator[MergedStep]:
+                  times: StageTimes | None = None, counts: EngineCounts | None = None,
+                  journal: Journal | None = None) -> Iterator[MergedStep]:
     """Final nuclei of the plan (merged, non-overlapping) in a deterministic order.
 
-    Progress: `task.advance(1, nuclei=...)` per tile. `times` and `counts` are filled in.
+    With a `journal`, its tiles are merged as they were and only the others are predicted;
+    the output is the same as without. Progress: `task.advance(1, nuclei=...)` per tile.
+    `times` and `counts` are filled in.
     """
     times = times if times is not None else StageTimes()
     counts = counts if counts is not None else EngineCounts()
+    counts.resumed = len(journal.done) if journal is not None else 0
     merger = Merger(plan, iou_threshold=settings.iou_threshold)
     row_top = {t.row: t.read_l0[1] for t in plan.tiles}
-    with closing(tile_results(slide, plan, predictor, settings, times)) as results:
+    with closing(_all_results(slide, plan, predictor, settings, times, journal)) as results:
         for res in results:
             t0 = time.perf_counter()
             final = merger.add(res.tile, res.nuclei)

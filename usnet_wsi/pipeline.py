@@ -28,11 +28,13 @@ from usnet_wsi.console import Reporter
 from usnet_wsi.engine import (EngineCounts, EngineSettings, MergedStep, StageTimes,
                               merged_nuclei)
 from usnet_wsi.errors import OutputError
+from usnet_wsi.journal import Journal, JournalRequest, journal_dir, open_journal
 from usnet_wsi.measure import measurement_rows
 from usnet_wsi import __version__
 from usnet_wsi.nuclei import Nucleus
 from usnet_wsi.outputs import (OutputPaths, Stage, check_name_length, fingerprint_file,
-                               identity_changes, manifest_problem, output_paths, read_record)
+                               identity_changes, manifest_problem, output_paths, read_record,
+                               remove_tree)
 from usnet_wsi.slide import IsotropicView, Slide, TolerantReader, open_slide
 from usnet_wsi.tiling import TilePlan, plan_tiles, roi_from_xywh
 from usnet_wsi.tissue import tissue_mask
@@ -234,12 +236,21 @@ def _previous(slide: Slide, paths: OutputPaths, cfg: SegmentConfig, identity: di
                           f"({'; '.join(changes)}); they are kept",
                           "add --overwrite to replace them, or write to another folder with -o")
     counts = record.get("counts") or {}
+    remove_tree(journal_dir(cfg.out_dir, name))   # left by a run killed after its swap
     reporter.info(f"{name}: skipped, complete outputs with the same settings exist in "
                   f"{cfg.out_dir} (use --overwrite to redo)")
     return SlideResult(str(slide.info.path), name, "skipped", nuclei=int(counts.get("nuclei", 0)),
                        tiles=int(counts.get("tiles", 0)), message="outputs exist",
                        outputs=[str(p) for p in paths.all()],
                        unreadable_tiles=len(record.get("unreadable_tiles") or []))
+
+
+def _journal_identity(identity: dict[str, Any], model: "Predictor") -> dict[str, Any]:
+    """What a resume journal is bound to: the output identity, plus the kind of device and
+    the precision actually used (CPU and CUDA, or fp32 and bf16, differ in a few pixels)."""
+    device = str(getattr(model, "device", "cpu")).split(":")[0]
+    return {**identity, "device_kind": device,
+            "precision_used": getattr(model, "precision", None)}
 
 
 def _resolve(predictor: PredictorSource) -> "Predictor":
@@ -270,7 +281,13 @@ def segment_slide(path: str | Path, cfg: SegmentConfig, predictor: PredictorSour
         reporter.debug(f"{info.name}: {len(plan.tiles)} of {plan.n_grid} tiles, read box "
                        f"{plan.read_size_l0} l0 px, core {plan.core_size_l0} l0 px")
         run = _Run(slide, plan, model, cfg, paths, tissue, times, started, identity, reader)
+        run.journal = open_journal(JournalRequest(journal_dir(cfg.out_dir, info.name),
+                                                  _journal_identity(identity, model), plan,
+                                                  cfg.resume, reader.failures_in),
+                                   info.name, reporter)
+        reader.failures.extend(run.journal.resumed_failures)
         counts = _write_outputs(run, reporter, t_start)
+        run.journal.remove()
     seconds = time.perf_counter() - t_start
     reporter.info(f"{info.name}: {counts.nuclei} nuclei from {counts.tiles} tiles in "
                   f"{seconds:.1f} s")
@@ -311,6 +328,7 @@ class _Run:
     identity: dict[str, Any]
     reader: TolerantReader
     counts: EngineCounts = field(default_factory=EngineCounts)
+    journal: Journal | None = None
 
 
 def _warn_if_empty(plan: TilePlan, tissue: Tissue, cfg: SegmentConfig, name: str,
@@ -372,7 +390,7 @@ def _stream(run: _Run, geo: GeoJSONWriter, labels: LabelZarrWriter,
     sink = _NucleiSink(run, geo, labels)
     with reporter.task(info.name, total=len(run.plan.tiles)) as task, \
             closing(merged_nuclei(run.reader, run.plan, run.model, settings, task, run.times,
-                                  run.counts)) as steps, \
+                                  run.counts, run.journal)) as steps, \
             BackgroundWriter(sink.consume) as writer:
         for step in steps:   # closing(): on an error the reader threads stop at once
             writer.put(step)
@@ -405,8 +423,22 @@ def _write_outputs(run: _Run, reporter: Reporter, t_start: float) -> EngineCount
             if writer is not None:
                 writer.abort()
         stage.abort()
+        _keep_journal(run.journal)
         raise
     return run.counts
+
+
+def _keep_journal(journal: Journal | None) -> None:
+    """On a failure or interrupt, write the finished tiles not yet in the journal (best
+    effort: the journal is only ever a head start); a journal without tiles is removed."""
+    if journal is None:
+        return
+    try:
+        journal.flush()
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        pass
+    if not journal.has_bands():
+        journal.remove()
 
 
 def _manifest(run: _Run, stage: Stage) -> dict[str, Any]:
@@ -442,6 +474,7 @@ def _run_record(run: _Run, geo: GeoJSONWriter, stage: Stage) -> dict[str, Any]:
         "timings_s": run.times.as_dict(),
         "counts": {"tiles": counts.tiles, "detections": counts.detected,
                    "owned": counts.owned, "nuclei": counts.nuclei,
+                   "resumed_tiles": counts.resumed,
                    "geojson_features": geo.n_written, "geojson_skipped": geo.n_skipped,
                    "merge": counts.merge},
         "unreadable_tiles": list(run.reader.failures),

@@ -546,12 +546,23 @@ class TolerantReader:
               err: SlideError) -> np.ndarray:
         if self.strict:
             raise err
-        l0 = box if self.view is None else self.view.l0_box(box)
         with self._lock:
-            self.failures.append({"box_l0": [round(float(v), 1) for v in l0],
-                                  "error": err.message})
+            self.failures.append({"box_l0": self._failure_box(box), "error": err.message})
         w, h = out_size
         return np.full((int(h), int(w), 3), 255, np.uint8)
+
+    def _failure_box(self, box: tuple[float, float, float, float]) -> list[float]:
+        """How a failure records a box: level 0, rounded to 0.1 px."""
+        l0 = box if self.view is None else self.view.l0_box(box)
+        return [round(float(v), 1) for v in l0]
+
+    def failures_in(self, tiles: "list[Any]") -> list[dict[str, Any]]:
+        """The recorded failures of these tiles (objects with a `read_l0` box), in tile
+        order."""
+        with self._lock:
+            by_box = {tuple(f["box_l0"]): f for f in self.failures}
+        found = (by_box.get(tuple(self._failure_box(t.read_l0))) for t in tiles)
+        return [f for f in found if f is not None]
 
     def read_region(self, box: tuple[float, float, float, float],
                     out_size: tuple[int, int]) -> np.ndarray:

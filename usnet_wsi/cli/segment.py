@@ -146,6 +146,9 @@ def _remove_if_empty(folder: Path) -> None:
 @click.option("--geojson-gz", is_flag=True, help="Write NAME.geojson.gz instead of .geojson.")
 @click.option("--overwrite", is_flag=True,
               help="Replace outputs that exist (made with the same or other settings).")
+@click.option("--no-resume", is_flag=True,
+              help="Start each slide from scratch, discarding what an interrupted run left in "
+                   "its journal (by default a re-run continues where the last run stopped).")
 @click.option("--strict", is_flag=True,
               help="Fail a slide with an unreadable tile (default: skip the tile, warn).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -154,8 +157,8 @@ def _remove_if_empty(folder: Path) -> None:
 def segment(slides: tuple[str, ...], out_dir: Path, weights: Path | None, device: str,
             batch_size: int, workers: int | None, precision: str, tile_px: int | None,
             mpp: float | None, roi: str | None,
-            no_tissue_mask: bool, geojson_gz: bool, overwrite: bool, strict: bool,
-            as_json: bool, verbose: int) -> None:
+            no_tissue_mask: bool, geojson_gz: bool, overwrite: bool, no_resume: bool,
+            strict: bool, as_json: bool, verbose: int) -> None:
     """Find and outline every nucleus in each SLIDE; write NAME.geojson, NAME.zarr,
     NAME.run.json and NAME.overview.png into OUTDIR."""
     opts = SlideOptions(mpp=mpp, roi_xywh=parse_box(roi, "--roi"),
@@ -163,7 +166,7 @@ def segment(slides: tuple[str, ...], out_dir: Path, weights: Path | None, device
     cfg = SegmentConfig(out_dir=out_dir, slide=opts, weights=weights, device=device,
                         batch_size=batch_size, workers=workers, geojson_gz=geojson_gz,
                         overwrite=overwrite, strict=strict, precision=precision,
-                        tile_px=tile_px, argv=tuple(sys.argv))
+                        tile_px=tile_px, resume=not no_resume, argv=tuple(sys.argv))
     reporter = make_reporter(verbose)
     from usnet_wsi.outputs import clean_stale
     from usnet_wsi.pipeline import prepare_out_dir  # lazy: pulls in openslide, zarr
