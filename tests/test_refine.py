@@ -3,6 +3,7 @@ instances and in-memory image prediction."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -12,7 +13,8 @@ from scipy import ndimage
 
 from usnet_wsi.anchors import make_anchors
 from usnet_wsi.decode import detect_boxes
-from usnet_wsi.instances import InstanceBatch, _cut_off, batch_instances, paint_masks
+from usnet_wsi.instances import (InstanceBatch, _cut_off, batch_instances, mask_quality,
+                                 paint_masks)
 from usnet_wsi.model.bundle import Thresholds
 from usnet_wsi.model.refine import RefineNet, context_boxes, crop_resize, paste_mask
 from usnet_wsi.model.spec import ModelSpec, recipe_spec
@@ -175,8 +177,7 @@ def sequential_reference(model: USNet, x, out, thr: Thresholds, region=None) -> 
             ok = ((c[:, 0] >= region[0] - m) & (c[:, 0] < region[2] + m)
                   & (c[:, 1] >= region[1] - m) & (c[:, 1] < region[3] + m))
             b, s = b[ok], s[ok]
-        labels = np.zeros((size, size), np.int32)
-        n_kept = 0
+        refined = []
         for box, score in zip(b, s):
             crop = context_boxes(box[None], model.spec.refine_context, size)
             x0, y0, x1, y1 = (int(v) for v in crop[0].tolist())
@@ -186,7 +187,13 @@ def sequential_reference(model: USNet, x, out, thr: Thresholds, region=None) -> 
             patch = torch.nn.functional.grid_sample(
                 inp[i:i + 1], torch.stack([gx, gy], -1)[None], padding_mode="border",
                 align_corners=False)
-            logit = model.refiner(patch)[0, 0]
+            logit = model.refiner(patch)[0, 0].detach()
+            refined.append((float(score), (x0, y0, x1, y1), logit))
+        if thr.quality_weight > 0 or thr.final_score > 0:
+            refined = rerank_reference(refined, thr)
+        labels = np.zeros((size, size), np.int32)
+        n_kept = 0
+        for _, (x0, y0, x1, y1), logit in refined:
             mask = (torch.nn.functional.interpolate(logit[None, None], size=(y1 - y0, x1 - x0),
                                                     mode="bilinear", align_corners=False)[0, 0]
                     > 0).numpy()
@@ -204,6 +211,19 @@ def sequential_reference(model: USNet, x, out, thr: Thresholds, region=None) -> 
             window[free] = n_kept
         result.append(labels)
     return result
+
+
+def rerank_reference(refined, thr: Thresholds):
+    """Each detection's score mixed with its mask's mean foreground probability, one by one;
+    those under `final_score` dropped; best first (ties keep detection order)."""
+    w, out = thr.quality_weight, []
+    for score, crop, logit in refined:
+        fg = logit > 0
+        q = float(torch.sigmoid(logit)[fg].mean()) if fg.any() else 0.0
+        mixed = max(score, 1e-6) ** (1 - w) * max(q, 1e-6) ** w
+        if mixed >= thr.final_score:
+            out.append((mixed, crop, logit))
+    return sorted(out, key=lambda r: -r[0])
 
 
 def truncated_reference(mask, crop, size, max_fraction) -> bool:
@@ -230,6 +250,10 @@ class DiscRefiner(torch.nn.Module):
     (Thresholds(score=0.0, top_k=30, nms=0.3, max_edge_fraction=1.0), False),
     (Thresholds(score=0.0, top_k=60, nms=0.6, keep_fraction=0.8, min_area_px=30,
                 max_edge_fraction=0.4), True),
+    (Thresholds(score=0.0, top_k=60, nms=0.6, max_edge_fraction=0.4, quality_weight=0.7,
+                final_score=0.1), True),
+    (Thresholds(score=0.0, top_k=30, nms=0.3, max_edge_fraction=1.0, quality_weight=1.0),
+     False),
 ])
 def test_batch_instances_equal_one_by_one_painting(thr: Thresholds, discs: bool) -> None:
     model = tiny_model()
@@ -243,6 +267,28 @@ def test_batch_instances_equal_one_by_one_painting(thr: Thresholds, discs: bool)
         np.testing.assert_array_equal(got.labels[i], w)
         scores = got.scores[i, :got.counts[i]]
         assert list(scores) == sorted(scores, reverse=True) and (0 <= scores).all()
+
+
+def test_mask_quality_is_the_mean_foreground_probability() -> None:
+    crisp = torch.full((48, 48), -10.0)
+    crisp[10:30, 10:30] = 10.0
+    faint = torch.where(crisp > 0, torch.tensor(0.2), torch.tensor(-0.2))
+    q = mask_quality(torch.stack([crisp, faint, torch.full((48, 48), -1.0)]))
+    assert q[0] > 0.99 and abs(float(q[1]) - float(torch.sigmoid(torch.tensor(0.2)))) < 1e-6
+    assert q[2] == 0
+
+
+def test_a_final_score_drops_the_least_certain_masks() -> None:
+    model = tiny_model()
+    model.refiner = DiscRefiner()
+    x, out = run_model(model, random_tiles(3, 128, seed=4))
+    anchors = make_anchors(model.spec)
+    base = Thresholds(score=0.0, top_k=60, nms=0.6, max_edge_fraction=1.0, quality_weight=0.5)
+    everything = batch_instances(model, x, out, anchors, base)
+    cut = float(np.nanmedian(everything.scores))
+    fewer = batch_instances(model, x, out, anchors, replace(base, final_score=cut))
+    assert 0 < fewer.counts.sum() < everything.counts.sum()
+    assert np.nanmin(fewer.scores) >= round(cut, 5)
 
 
 def test_only_detections_the_tile_can_own_are_refined() -> None:

@@ -36,9 +36,12 @@ class Thresholds:
     rescue_min_area_px: int = 40  # components; kept so that existing bundles load
     keep_fraction: float = 0.5   # a mask losing more than this to higher-scored ones is dropped
     max_edge_fraction: float = 0.3  # a mask covering more of its crop border is a cut-off piece
+    quality_weight: float = 0.0  # w: ranking score = detection^(1-w) * mask quality^w (0: off)
+    final_score: float = 0.0     # nuclei whose ranking score is below this are dropped
 
     def __post_init__(self) -> None:
-        for key in ("score", "nms", "rescue_prob", "keep_fraction", "max_edge_fraction"):
+        for key in ("score", "nms", "rescue_prob", "keep_fraction", "max_edge_fraction",
+                    "quality_weight", "final_score"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise WeightsError(f"threshold {key} = {v!r} must be a number in [0, 1]",

@@ -204,13 +204,14 @@ def train(cfg: TrainConfig, data: list[Annotated], val: list[Annotated], reporte
     rng = np.random.default_rng([cfg.seed, state.step])
     t_start = time.monotonic()
     thr = init_thresholds(cfg)
+    tile_px = _inherited(cfg).get("inference_tile_px")   # validate as `segment` will run it
     while state.epoch < cfg.epochs:
         finished = _run_epoch(model, opts, data, anchors, cfg, state, rng, dev, t_start, reporter)
         if finished:
             state.epoch += 1
         last = not finished or state.epoch >= cfg.epochs
         if val and (state.epoch % cfg.val_every == 0 or last):
-            m = validate(model, val, thr, dev, model.spec.mpp)
+            m = validate(model, val, thr, dev, model.spec.mpp, tile_px)
             if not finished:   # time ran out part-way: record the partial epoch
                 state.history.append({"epoch": state.epoch + 1, "partial": True})
             state.history[-1].update({f"val_{k}": round(v, 4) for k, v in m.items()})
@@ -258,7 +259,8 @@ def finalize(cfg: TrainConfig, val: list[Annotated], dev, state: TrainState, rep
     bundle = load_bundle(cfg.out)
     model = bundle.build_model().to(dev)
     reporter.info("tuning score / NMS thresholds on validation AJI")
-    thr, m = tune_thresholds(model, val, bundle.thresholds, dev, reporter.info)
+    thr, m = tune_thresholds(model, val, bundle.thresholds, dev, reporter.info,
+                             bundle.config.get("inference_tile_px"))
     _save(cfg, model, thr, state, m, card_info)
     reporter.info("best: " + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
     return cfg.out

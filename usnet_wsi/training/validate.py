@@ -16,15 +16,16 @@ METRIC_KEYS = ("aji", "pq", "dice", "det_f1")
 
 
 def validate(model: USNet, data: list[Annotated], thresholds: Thresholds, dev: torch.device,
-             mpp: float = 0.25) -> dict[str, float]:
+             mpp: float = 0.25, tile_px: int | None = None) -> dict[str, float]:
     """AJI, PQ, Dice and detection F1 on the validation images, through the same path as
-    `segment`: per-image means per dataset, and their mean over datasets (so a dataset of many
-    small tiles does not outweigh one of a few large images). With several datasets the
-    per-dataset values are also returned, as "DATASET/aji" and so on."""
+    `segment` (with `tile_px`, the bundle's inference tile side, as `segment` runs it):
+    per-image means per dataset, and their mean over datasets (so a dataset of many small
+    tiles does not outweigh one of a few large images). With several datasets the per-dataset
+    values are also returned, as "DATASET/aji" and so on."""
     from usnet_wsi.metrics import evaluate_pair
     if not data:
         return {}
-    pred = ModelPredictor(model, thresholds, dev)
+    pred = ModelPredictor(model, thresholds, dev, tile_px=tile_px)
     rows: dict[str, list[dict]] = {}
     for a in data:
         labels, scores = predict_image(pred, a.rgb)
@@ -39,10 +40,11 @@ def validate(model: USNet, data: list[Annotated], thresholds: Thresholds, dev: t
 
 
 def tune_thresholds(model: USNet, data: list[Annotated], base: Thresholds, dev: torch.device,
-                    report=None) -> tuple[Thresholds, dict[str, float]]:
+                    report=None, tile_px: int | None = None
+                    ) -> tuple[Thresholds, dict[str, float]]:
     """Coordinate search on validation AJI: detection score x NMS IoU, then the smallest
     nucleus area. Returns the best thresholds and their validation metrics."""
-    best, best_m = base, validate(model, data, base, dev)
+    best, best_m = base, validate(model, data, base, dev, tile_px=tile_px)
     grids = [[{"score": s, "nms": n} for s in (0.25, 0.35, 0.45, 0.55) for n in (0.3, 0.45)],
              [{"min_area_px": a} for a in (12, 30, 50)]]
     for grid in grids:
@@ -51,7 +53,7 @@ def tune_thresholds(model: USNet, data: list[Annotated], base: Thresholds, dev: 
             thr = replace(start, **change)
             if thr == best:
                 continue
-            m = validate(model, data, thr, dev)
+            m = validate(model, data, thr, dev, tile_px=tile_px)
             if report:
                 report(f"  {change}: AJI {m['aji']:.4f} PQ {m['pq']:.4f}")
             if m["aji"] > best_m["aji"]:
