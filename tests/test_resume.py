@@ -221,3 +221,19 @@ def test_a_journal_made_on_another_kind_of_device_is_not_used(kslide, tmp_path, 
     segment_slide(kslide.path, cfg, elsewhere, reporter)
     assert any("made otherwise (device_kind: cpu -> cuda)" in m for m in reporter.infos)
     assert record(cfg.out_dir)["counts"]["resumed_tiles"] == 0
+
+
+def test_cli_no_resume_flag_starts_over(kslide, reference, tmp_path, reporter, monkeypatch):
+    from click.testing import CliRunner
+
+    from usnet_wsi.cli import main
+
+    cfg = _interrupted(kslide, tmp_path / "out", reporter)
+    monkeypatch.setattr("usnet_wsi.predict.load_predictor",
+                        lambda weights=None, device="auto", *rest: _oracle())
+    res = CliRunner().invoke(main, ["segment", str(kslide.path), "-o", str(cfg.out_dir),
+                                    "--no-resume"])
+    assert res.exit_code == 0, res.stderr
+    assert "--no-resume" in " ".join(res.stderr.split())
+    assert record(cfg.out_dir)["counts"]["resumed_tiles"] == 0
+    assert outputs(cfg.out_dir) == reference[0]
