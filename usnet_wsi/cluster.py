@@ -19,6 +19,7 @@ dask.distributed is imported only here, and only when a cluster is used.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import queue
@@ -27,6 +28,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import CancelledError
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -106,14 +108,17 @@ def read_scheduler_file(path: Path) -> str:
     return check_scheduler(address) or address
 
 
-def connect(address: str) -> "Client":
+def connect(address: str, verbose: int = 1) -> "Client":
     """A client of the scheduler at `address`; ClusterError when it cannot be reached within
-    dask's connect timeout (distributed.comm.timeouts.connect)."""
+    dask's connect timeout (distributed.comm.timeouts.connect). dask's own log lines are
+    shown with -v only: errors reach the user as usnet-wsi messages."""
     try:
         from distributed import Client
     except ImportError:
         raise UsageError("--scheduler needs dask.distributed, which is not installed",
                          "pip install 'distributed>=2024.1'") from None
+    if verbose < 2:
+        _quiet_dask_logs()
     try:
         return Client(address, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as err:
@@ -123,12 +128,21 @@ def connect(address: str) -> "Client":
                            "it") from None
 
 
+def _quiet_dask_logs() -> None:
+    """Only critical log lines from dask.distributed in this process (it configures its
+    loggers with levels of their own)."""
+    names = [n for n in logging.root.manager.loggerDict
+             if n == "distributed" or n.startswith("distributed.")]
+    for name in names + ["distributed"]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def run_on_cluster(planned: list[PlannedSlide], cfg: SegmentConfig, reporter: Reporter,
                    verbose: int, cpu_workers: int | None) -> list["SlideResult"]:
     """Run each slide as one task on the cluster at cfg.scheduler; rows in the order given."""
     from usnet_wsi.outputs import clean_stale
 
-    client = connect(str(cfg.scheduler))
+    client = connect(str(cfg.scheduler), verbose)
     try:
         _describe(client, cfg, len(planned), reporter)
         shared = shared_config(cfg)
@@ -215,6 +229,12 @@ class _Collector:
             futures = self._submit(planned, rows, cfg)
             with self.reporter.task("slides", total=len(futures)) as task:
                 rows.update(self._gather(futures, planned, task))
+        except KeyboardInterrupt:
+            if self.running:
+                self.reporter.info(f"{len(self.running)} slide(s) already running on workers "
+                                   "finish there (their outputs appear whole or not at all); "
+                                   "the others are cancelled")
+            raise
         finally:
             self.client.cancel([f for f in futures if not f.done()])
             self.client.unsubscribe_topic(self.ctx.topic)
@@ -314,6 +334,11 @@ def _task_failure(err: BaseException, planned: PlannedSlide) -> BaseException:
         return ClusterError(f"{planned.path}: every worker that ran it died ({err})",
                             "give the workers more memory, or segment this slide without "
                             "--scheduler to see why")
+    if isinstance(err, CancelledError):
+        reason = getattr(err, "reason", "cancelled")
+        return ClusterError(f"{planned.path}: the cluster dropped the slide ({reason})",
+                            "run the same command again once the scheduler is back; slides "
+                            "whose outputs are complete are skipped")
     return err
 
 
