@@ -133,12 +133,14 @@ def local_cluster():
     (["--scheduler-file", "{missing}"], ["no such file"]),
     (["--scheduler-file", "{file}"], ["holds no scheduler address"]),
     (["--scheduler-file", "{text}"], ["not a readable scheduler file"]),
+    (["--scheduler-file", "{bad}"], ["holds 'inproc://x', not a dask scheduler address"]),
 ])
 def test_bad_scheduler_options_are_usage_errors(tmp_path, slides, options, words):
     (tmp_path / "file.json").write_text('{"type": "Scheduler"}')
     (tmp_path / "text").write_text("tcp://h:8786")
+    (tmp_path / "bad.json").write_text('{"address": "inproc://x"}')
     paths = {"file": tmp_path / "file.json", "missing": tmp_path / "nope.json",
-             "text": tmp_path / "text"}
+             "text": tmp_path / "text", "bad": tmp_path / "bad.json"}
     res = run_cli(slides.a, "-o", tmp_path / "out", *(o.format(**paths) for o in options))
     assert res.exit_code == 2, res.stderr
     assert "Traceback" not in res.stderr and "fix:" in err(res)

@@ -11,7 +11,7 @@ gives the same outputs and the same summary row wherever it runs:
 - messages and tile progress of a slide travel to the client as dask events (topic per run),
   where the client's Reporter shows them with the slides done and running and tiles/s;
 - a worker that dies mid-slide is replaced by the scheduler, which runs the task again on another
-  worker (up to dask's `distributed.scheduler.allowed-failures`); the slide starts over there.
+  worker (up to dask's `distributed.scheduler.allowed-failures`), through `run_one` again.
 
 dask.distributed is imported only here, and only when a cluster is used.
 """
@@ -105,7 +105,11 @@ def read_scheduler_file(path: Path) -> str:
     address = data.get("address") if isinstance(data, dict) else None
     if not isinstance(address, str):
         raise UsageError(f"--scheduler-file {path} holds no scheduler address", fix)
-    return check_scheduler(address) or address
+    try:
+        return check_scheduler(address) or address
+    except UsageError:
+        raise UsageError(f"--scheduler-file {path} holds {address!r}, not a dask scheduler "
+                         "address", fix) from None
 
 
 def connect(address: str, verbose: int = 1) -> "Client":
