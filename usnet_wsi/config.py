@@ -16,6 +16,9 @@ from typing import Any
 from usnet_wsi.errors import UsageError
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_SCHEDULER_RE = re.compile(r"^(?:(?:tcp|tls|ucx|ws|wss)://)?"
+                           r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?)"
+                           r":(\d{1,5})$")
 Box = tuple[int, int, int, int]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -27,6 +30,19 @@ def check_device(device: str) -> str:
         raise UsageError(f"--device {device!r} is not a device",
                          "use --device auto, cpu, cuda or cuda:N (e.g. cuda:0)")
     return spec
+
+
+def check_scheduler(address: Any) -> str | None:
+    """None, or a dask scheduler address: [tcp|tls|ucx|ws|wss://]HOST:PORT (tcp by default)."""
+    if address is None:
+        return None
+    text = str(address).strip()
+    m = _SCHEDULER_RE.match(text)
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise UsageError(f"--scheduler {address!r} is not a dask scheduler address",
+                         "give it as tcp://HOST:PORT, e.g. --scheduler tcp://10.0.0.5:8786 "
+                         "(the address `dask scheduler` prints)")
+    return text
 
 
 def check_positive_int(value: Any, option: str, example: int, maximum: int = 1 << 16,
@@ -121,6 +137,8 @@ class SegmentConfig:
     tile_px: int | None = None            # inference tile side; None: the bundle's
     resume: bool = True                   # continue an interrupted run from its journal
     argv: tuple[str, ...] = ()            # the command line, recorded in run.json
+    scheduler: str | None = None          # dask scheduler the slides ran through; None: locally
+    worker: str | None = None             # address of the dask worker that ran the slide
 
     def __post_init__(self) -> None:
         if not isinstance(self.slide, SlideOptions):
@@ -143,6 +161,9 @@ class SegmentConfig:
                 raise UsageError(f"--tile-px {self.tile_px} must be a multiple of 4",
                                  "e.g. --tile-px 556")
         object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
+        object.__setattr__(self, "scheduler", check_scheduler(self.scheduler))
+        if self.worker is not None:
+            object.__setattr__(self, "worker", str(self.worker))
 
     @property
     def prefetch_tiles(self) -> int:

@@ -56,6 +56,15 @@ class Reporter:
         if self.verbosity >= 2:
             console().print(msg, style="dim", markup=False, soft_wrap=True)
 
+    def error(self, msg: str, hint: str = "", detail: str = "") -> None:
+        """An error, always shown: `detail` (a traceback) first, then the message and the fix."""
+        out = console()
+        if detail:
+            out.print(detail, markup=False, soft_wrap=True)
+        out.print(f"error: {msg}", style="bold red", markup=False, soft_wrap=True)
+        if hint:
+            out.print(f"  fix: {hint}", markup=False, soft_wrap=True)
+
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:
         """Context manager yielding a task whose `advance(n, **fields)` updates progress."""

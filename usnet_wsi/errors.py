@@ -45,3 +45,15 @@ class DataError(InputError):
 
 class OutputError(UsnetError):
     """The output location cannot be written."""
+
+
+class ClusterError(UsnetError):
+    """The dask cluster cannot be reached or cannot run a slide."""
+
+
+def explain(err: BaseException) -> tuple[str, str, int]:
+    """(message, fix, exit code) of any error: a UsnetError's own, else an 'unexpected' one."""
+    if isinstance(err, UsnetError):
+        return err.message, err.hint, err.exit_code
+    return (f"unexpected {type(err).__name__}: {err}",
+            "run again with -v for the traceback and report it", 1)

@@ -12,24 +12,16 @@ from typing import Any, Callable, TypeVar
 import click
 
 from usnet_wsi.console import Reporter, console
-from usnet_wsi.errors import UsageError, UsnetError
+from usnet_wsi.errors import UsageError, explain
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def report_error(err: BaseException, verbose: bool) -> int:
     """Print a short message (and the fix) on stderr; return the exit code."""
-    out = functools.partial(console().print, markup=False, soft_wrap=True)  # no breaks in paths
-    if verbose:
-        out(traceback.format_exc())
-    if isinstance(err, UsnetError):
-        out(f"error: {err.message}", style="bold red")
-        if err.hint:
-            out(f"  fix: {err.hint}")
-        return err.exit_code
-    out(f"error: unexpected {type(err).__name__}: {err}", style="bold red")
-    out("  fix: run again with -v for the traceback and report it")
-    return 1
+    message, hint, code = explain(err)
+    Reporter(style="none").error(message, hint, traceback.format_exc() if verbose else "")
+    return code
 
 
 class Terminated(KeyboardInterrupt):

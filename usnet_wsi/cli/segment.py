@@ -12,41 +12,11 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from usnet_wsi.cli.common import guarded, make_reporter, parse_box, report_error, verbosity_options
-from usnet_wsi.config import SegmentConfig, SlideOptions
+from usnet_wsi.cli.common import guarded, make_reporter, parse_box, verbosity_options
+from usnet_wsi.config import SegmentConfig, SlideOptions, check_scheduler
 from usnet_wsi.console import Reporter, console
-from usnet_wsi.errors import OutputError, UsnetError
-
-
-class LazyPredictor:
-    """Loads the model on first use (skipped and unreadable slides never pay for it).
-
-    A failure to load is fatal for the whole run: it is kept in `error` and re-raised.
-    """
-
-    def __init__(self, cfg: SegmentConfig, reporter: Reporter) -> None:
-        self.cfg, self.reporter = cfg, reporter
-        self.predictor: Any = None
-        self.error: BaseException | None = None
-
-    def __call__(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        if self.predictor is None:
-            try:
-                from usnet_wsi.predict import load_predictor  # lazy: imports torch
-
-                cfg = self.cfg
-                self.predictor = load_predictor(cfg.weights, cfg.device, cfg.tile_px,
-                                                cfg.precision)
-            except BaseException as err:
-                self.error = err
-                raise
-            p = self.predictor
-            precision = getattr(p, "precision", "fp32")
-            self.reporter.info(f"model {p.name} ({p.sha256[:12]}) on {p.device}, {precision}, "
-                               f"{p.tile_px} px tiles")
-        return self.predictor
+from usnet_wsi.errors import OutputError, UsageError
+from usnet_wsi.runner import LazyPredictor, PlannedSlide, failed_result, run_one
 
 
 def unique_slides(slides: tuple[str, ...], reporter: Reporter) -> list[str]:
@@ -67,29 +37,44 @@ def unique_slides(slides: tuple[str, ...], reporter: Reporter) -> list[str]:
     return out
 
 
-def _run_all(slides: tuple[str, ...], cfg: SegmentConfig, model: LazyPredictor,
-             reporter: Reporter, verbose: int) -> list[Any]:
-    """Segment each slide; a failing slide is reported and the others go on."""
-    from usnet_wsi.pipeline import SlideResult, segment_slide
+def plan_slides(slides: tuple[str, ...], cfg: SegmentConfig,
+                reporter: Reporter) -> list[PlannedSlide]:
+    """The slides of the run in order, each file once; a slide whose output names another
+    slide of the run already takes is refused."""
     from usnet_wsi.slide import slide_name
 
-    results: list[SlideResult] = []
-    names: dict[str, str] = {}
+    planned, names = [], {}
     for path in unique_slides(slides, reporter):
         name = slide_name(path)
-        try:
-            if name in names:
-                raise OutputError(f"{path} and {names[name]} would both write {name}.* in "
+        refused = None
+        if name in names:
+            refused = OutputError(f"{path} and {names[name]} would both write {name}.* in "
                                   f"{cfg.out_dir}", "segment them into different -o folders")
+        else:
             names[name] = path
-            results.append(segment_slide(path, cfg, model, reporter))
-        except Exception as err:  # noqa: BLE001 - one failing slide does not stop the rest
-            if err is model.error:
-                raise
-            code = report_error(err, verbose >= 2)
-            message = err.message if isinstance(err, UsnetError) else f"{type(err).__name__}: {err}"
-            results.append(SlideResult(path, name, "failed", message=message, exit_code=code))
-    return results
+        planned.append(PlannedSlide(path, name, refused))
+    return planned
+
+
+def _run_local(planned: list[PlannedSlide], cfg: SegmentConfig, reporter: Reporter,
+               verbose: int) -> list[Any]:
+    """Segment each slide here, one after the other; a failing slide does not stop the rest."""
+    model = LazyPredictor(cfg, reporter)
+    return [failed_result(p.path, p.name, p.refused, reporter, verbose) if p.refused else
+            run_one(p.path, cfg, model, reporter, verbose) for p in planned]
+
+
+def _scheduler(address: str | None, scheduler_file: Path | None) -> str | None:
+    """The dask scheduler address of --scheduler or --scheduler-file (None: run here)."""
+    if address is not None and scheduler_file is not None:
+        raise UsageError("--scheduler and --scheduler-file both name a scheduler",
+                         "give one of them: the address (tcp://HOST:8786) or the file the "
+                         "scheduler wrote")
+    if scheduler_file is None:
+        return check_scheduler(address)
+    from usnet_wsi.cluster import read_scheduler_file
+
+    return read_scheduler_file(scheduler_file)
 
 
 def _summary_table(results: list[Any]) -> Table:
@@ -152,21 +137,36 @@ def _remove_if_empty(folder: Path) -> None:
 @click.option("--strict", is_flag=True,
               help="Fail a slide with an unreadable tile (default: skip the tile, warn).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run each slide as one task on this running dask.distributed scheduler, "
+                   "e.g. tcp://10.0.0.5:8786. OUTDIR, the slides and --weights must be "
+                   "reachable under the same path from every worker (a shared folder); a "
+                   "slide whose worker cannot reach them fails with that message.")
+@click.option("--scheduler-file", type=click.Path(path_type=Path), default=None,
+              help="Like --scheduler, with the address read from the scheduler file that "
+                   "`dask scheduler --scheduler-file PATH` or a cluster manager "
+                   "(dask-jobqueue, ...) wrote.")
 @verbosity_options
 @guarded
 def segment(slides: tuple[str, ...], out_dir: Path, weights: Path | None, device: str,
             batch_size: int, workers: int | None, precision: str, tile_px: int | None,
             mpp: float | None, roi: str | None,
             no_tissue_mask: bool, geojson_gz: bool, overwrite: bool, no_resume: bool,
-            strict: bool, as_json: bool, verbose: int) -> None:
+            strict: bool, as_json: bool, scheduler: str | None, scheduler_file: Path | None,
+            verbose: int) -> None:
     """Find and outline every nucleus in each SLIDE; write NAME.geojson, NAME.zarr,
-    NAME.run.json and NAME.overview.png into OUTDIR."""
+    NAME.run.json and NAME.overview.png into OUTDIR.
+
+    With --scheduler or --scheduler-file the slides run on an existing dask cluster, one task
+    per slide; OUTDIR must then be a folder every worker can reach (e.g. on a shared file
+    system)."""
     opts = SlideOptions(mpp=mpp, roi_xywh=parse_box(roi, "--roi"),
                         tissue_mask=not no_tissue_mask)
     cfg = SegmentConfig(out_dir=out_dir, slide=opts, weights=weights, device=device,
                         batch_size=batch_size, workers=workers, geojson_gz=geojson_gz,
                         overwrite=overwrite, strict=strict, precision=precision,
-                        tile_px=tile_px, resume=not no_resume, argv=tuple(sys.argv))
+                        tile_px=tile_px, resume=not no_resume, argv=tuple(sys.argv),
+                        scheduler=_scheduler(scheduler, scheduler_file))
     reporter = make_reporter(verbose)
     from usnet_wsi.outputs import clean_stale
     from usnet_wsi.pipeline import prepare_out_dir  # lazy: pulls in openslide, zarr
@@ -177,8 +177,13 @@ def segment(slides: tuple[str, ...], out_dir: Path, weights: Path | None, device
         reporter.info(f"removed {len(removed)} temporary file(s) left in {cfg.out_dir} by "
                       "runs that were killed")
     try:
-        results = _run_all(slides, cfg, LazyPredictor(cfg, reporter),
-                           reporter, verbose)
+        planned = plan_slides(slides, cfg, reporter)
+        if cfg.scheduler is None:
+            results = _run_local(planned, cfg, reporter, verbose)
+        else:
+            from usnet_wsi.cluster import run_on_cluster  # lazy: imports dask.distributed
+
+            results = run_on_cluster(planned, cfg, reporter, verbose, cpu_workers=workers)
     finally:
         if created:
             _remove_if_empty(cfg.out_dir)
