@@ -3,7 +3,7 @@
 Loads a weights bundle and the validation images of MoNuSeg and CoNSeP (the bundle's
 `validation_images`, or those of usnet-v2-ft1 for a bundle trained on MoNuSeg alone, so that
 bundles are compared on the same images), and scores the bundle's own thresholds and each
-variant through the instance path `segment` uses (`usnet_wsi.training.validate`: engine,
+variant (thresholds, or test-time flips) through the instance path `segment` uses (`usnet_wsi.training.validate`: engine,
 instance step, merge; per-image means per dataset).
 
     python benchmarks/levers.py [--weights BUNDLE] [--only NAME ...]
@@ -35,6 +35,8 @@ VARIANTS: dict[str, dict] = {
     "quality rank w=1, final>=0.7": {"quality_weight": 1.0, "final_score": 0.7},
     "cut-off pieces: max_edge_fraction 0.15": {"max_edge_fraction": 0.15},
     "keep_fraction 0.6": {"keep_fraction": 0.6},
+    "--tta flip": {"tta": "flip"},
+    "--tta flips": {"tta": "flips"},
 }
 
 
@@ -77,15 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, change in VARIANTS.items():
         if args.only and name not in args.only:
             continue
-        thr = replace(bundle.thresholds, **change)
+        tta = change.get("tta", "none")
+        thr = replace(bundle.thresholds, **{k: v for k, v in change.items() if k != "tta"})
         t0 = time.perf_counter()
         m = validate(model, data, thr, torch.device("cpu"),
-                     tile_px=bundle.config.get("inference_tile_px"))
+                     tile_px=bundle.config.get("inference_tile_px"), tta=tta)
         rows[name] = {"change": change, "metrics": m, "seconds": time.perf_counter() - t0}
         print(_line(name, m), flush=True)
+    dest = REPO / "benchmarks" / "results" / f"levers-{bundle.name}.json"
+    earlier = json.loads(dest.read_text()) if dest.exists() else {}
+    if earlier.get("sha256") == bundle.sha256:          # --only: keep the other variants
+        rows = {**earlier.get("variants", {}), **rows}
     out = {"weights": bundle.name, "sha256": bundle.sha256, "images": counts,
            "thresholds": asdict(bundle.thresholds), "variants": rows}
-    dest = REPO / "benchmarks" / "results" / f"levers-{bundle.name}.json"
     dest.write_text(json.dumps(out, indent=2) + "\n")
     print(f"written {dest.relative_to(REPO)}")
     return 0

@@ -355,11 +355,11 @@ _DAEMON_WARNED: set[str] = set()
 
 def cached_model(cfg: SegmentConfig, reporter: Reporter) -> "Predictor":
     """This worker's model for cfg, loaded once and kept between slides (per weights bundle
-    and its contents, device, tile size and precision)."""
+    and its contents, device, tile size, precision and test-time augmentation)."""
     from usnet_wsi.pipeline import weights_id
 
     key = (None if cfg.weights is None else str(cfg.weights), weights_id(cfg.weights),
-           cfg.device, cfg.tile_px, cfg.precision)
+           cfg.device, cfg.tile_px, cfg.precision, cfg.tta)
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:

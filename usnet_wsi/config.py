@@ -21,6 +21,7 @@ _SCHEDULER_RE = re.compile(r"^(?:(?:tcp|tls|ucx|ws|wss)://)?"
                            r":(\d{1,5})$")
 Box = tuple[int, int, int, int]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TTA_CHOICES = ("none", "flip", "flips")   # usnet_wsi.tta.TTA_MODES
 
 
 def check_device(device: str) -> str:
@@ -135,6 +136,7 @@ class SegmentConfig:
     iou_threshold: float = 0.3            # cross-tile duplicate rule (polygon IoU)
     precision: str = "auto"               # network precision: auto, fp32, bf16, fp16 (CUDA)
     tile_px: int | None = None            # inference tile side; None: the bundle's
+    tta: str = "none"                     # test-time flips: none, flip (2 passes), flips (4)
     resume: bool = True                   # continue an interrupted run from its journal
     argv: tuple[str, ...] = ()            # the command line, recorded in run.json
     scheduler: str | None = None          # dask scheduler the slides ran through; None: locally
@@ -155,6 +157,9 @@ class SegmentConfig:
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r} is not a precision",
                              f"use one of {', '.join(PRECISIONS)}")
+        if self.tta not in TTA_CHOICES:
+            raise UsageError(f"--tta {self.tta!r} is not a test-time augmentation",
+                             f"use one of {', '.join(TTA_CHOICES)}")
         if self.tile_px is not None:
             check_positive_int(self.tile_px, "--tile-px", 556, maximum=4096, minimum=128)
             if self.tile_px % 4:

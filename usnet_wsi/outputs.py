@@ -127,11 +127,16 @@ def manifest_problem(record: dict[str, Any], folder: Path) -> str | None:
     return None
 
 
+# settings recorded in the identity since a later version, with the value earlier runs had
+IDENTITY_DEFAULTS: dict[str, Any] = {"tta": "none"}
+
+
 def identity_changes(old: Any, new: dict[str, Any]) -> list[str]:
     """'key: old -> new' for every output-changing setting that differs."""
     if not isinstance(old, dict):
         return ["made by an older usnet-wsi that did not record its settings"]
-    return [f"{k}: {_show(old.get(k))} -> {_show(v)}" for k, v in new.items() if old.get(k) != v]
+    was = {**IDENTITY_DEFAULTS, **old}
+    return [f"{k}: {_show(was.get(k))} -> {_show(v)}" for k, v in new.items() if was.get(k) != v]
 
 
 def _show(value: Any) -> str:

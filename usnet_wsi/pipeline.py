@@ -204,7 +204,8 @@ def output_identity(slide: Slide, cfg: SegmentConfig) -> dict[str, Any]:
             "mpp_x": info.mpp_x, "mpp_y": info.mpp_y,
             "roi_xywh": None if roi is None else list(roi), "tissue_mask": cfg.slide.tissue_mask,
             "weights": weights_id(cfg.weights), "iou_threshold": cfg.iou_threshold,
-            "geojson_gz": cfg.geojson_gz, "precision": cfg.precision, "tile_px": cfg.tile_px}
+            "geojson_gz": cfg.geojson_gz, "precision": cfg.precision, "tile_px": cfg.tile_px,
+            "tta": cfg.tta}
 
 
 def _previous(slide: Slide, paths: OutputPaths, cfg: SegmentConfig, identity: dict[str, Any],
@@ -458,7 +459,8 @@ def _run_record(run: _Run, geo: GeoJSONWriter, stage: Stage) -> dict[str, Any]:
         "command": shlex.join(record["argv"]),
         "weights": {"name": model.name, "sha256": model.sha256},
         "model": {"tile_px": model.tile_px, "halo_px": model.halo_px, "mpp": model.mpp,
-                  "precision": getattr(model, "precision", None)},
+                  "precision": getattr(model, "precision", None),
+                  "tta": getattr(model, "tta", "none")},
         "device": model.device,
         "settings": cfg.to_dict(),
         "slide": info.to_dict(),

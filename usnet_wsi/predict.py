@@ -24,6 +24,7 @@ from usnet_wsi.errors import UsageError
 from usnet_wsi.instances import InstanceBatch, batch_instances
 from usnet_wsi.model.bundle import Bundle, Thresholds, load_bundle
 from usnet_wsi.model.usnet import USNet
+from usnet_wsi.tta import FlipTTA
 
 __all__ = ["InstanceBatch", "Predictor", "BundlePredictor", "ModelPredictor", "load_predictor",
            "resolve_device", "predict_image", "ImageReader"]
@@ -98,7 +99,7 @@ class ModelPredictor:
 
     def __init__(self, model: USNet, thresholds: Thresholds, device: torch.device,
                  name: str = "in-memory", sha256: str = "", tile_px: int | None = None,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", tta: str = "none") -> None:
         self.model = fold_batch_norm(copy.deepcopy(model)).to(device).eval()
         self.model.to(memory_format=torch.channels_last)
         self.thresholds = thresholds
@@ -115,6 +116,8 @@ class ModelPredictor:
         self.halo_px, self.mpp = spec.halo_px, spec.mpp
         # fully convolutional: the anchor grid follows the feature maps of the tile side
         self.anchors = make_anchors(replace(spec, input_size=self.tile_px)).to(device)
+        self.tta = tta
+        self._forward = FlipTTA(spec, self.tile_px, tta, device) if tta != "none" else None
 
     def autocast(self) -> torch.autocast:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -132,7 +135,7 @@ class ModelPredictor:
         x = self.model.normalise(torch.from_numpy(np.ascontiguousarray(tiles)).to(self.torch_device))
         x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            out = self.model(x)
+            out = self.model(x) if self._forward is None else self._forward(self.model, x)
         reg = None if regions is None else torch.as_tensor(regions, device=self.torch_device)
         found = batch_instances(self.model, x, out, self.anchors, self.thresholds, reg,
                                 self.autocast)
@@ -168,18 +171,20 @@ class BundlePredictor(ModelPredictor):
     input size."""
 
     def __init__(self, bundle: Bundle, device: torch.device, tile_px: int | None = None,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", tta: str = "none") -> None:
         tile = tile_px or bundle.config.get("inference_tile_px")
         super().__init__(bundle.build_model(), bundle.thresholds, device, bundle.name,
-                         bundle.sha256, tile_px=int(tile) if tile else None, precision=precision)
+                         bundle.sha256, tile_px=int(tile) if tile else None, precision=precision,
+                         tta=tta)
         self.bundle = bundle
 
 
 def load_predictor(weights: str | Path | None = None, device: str = "auto",
-                   tile_px: int | None = None, precision: str = "auto") -> BundlePredictor:
+                   tile_px: int | None = None, precision: str = "auto",
+                   tta: str = "none") -> BundlePredictor:
     """The default bundle (weights=None) or the bundle at `weights`, on the chosen device."""
     dev = resolve_device(device)
-    return BundlePredictor(load_bundle(weights), dev, tile_px, precision)
+    return BundlePredictor(load_bundle(weights), dev, tile_px, precision, tta)
 
 
 class ImageReader:

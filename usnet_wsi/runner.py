@@ -38,10 +38,11 @@ def load_model(cfg: SegmentConfig, reporter: Reporter, where: str = "") -> "Pred
     announced with its name, device, precision and tile size (`where`: appended to that line)."""
     from usnet_wsi import predict  # lazy: imports torch
 
-    p = predict.load_predictor(cfg.weights, cfg.device, cfg.tile_px, cfg.precision)
+    p = predict.load_predictor(cfg.weights, cfg.device, cfg.tile_px, cfg.precision, cfg.tta)
     precision = getattr(p, "precision", "fp32")
+    tta = "" if cfg.tta == "none" else f", test-time {cfg.tta}"
     reporter.info(f"model {p.name} ({p.sha256[:12]}) on {p.device}, {precision}, "
-                  f"{p.tile_px} px tiles{where}")
+                  f"{p.tile_px} px tiles{tta}{where}")
     return p
 
 

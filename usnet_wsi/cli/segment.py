@@ -121,6 +121,11 @@ def _remove_if_empty(folder: Path) -> None:
               show_default=True,
               help="Network arithmetic. auto: fp16 on CUDA, bf16 on CPUs with native bf16 "
                    "(AVX512-BF16 / AMX; about twice as fast), else fp32.")
+@click.option("--tta", type=click.Choice(["none", "flip", "flips"]), default="none",
+              show_default=True,
+              help="Test-time augmentation: also run the network on mirror images of each tile "
+                   "and average (flip: left-right, 2x the network's time; flips: left-right, "
+                   "up-down and both, 4x).")
 @click.option("--tile-px", type=int, default=None,
               help="Side of the model's input tiles (default: the weights bundle's choice).")
 @click.option("--mpp", type=float, default=None,
@@ -149,7 +154,8 @@ def _remove_if_empty(folder: Path) -> None:
 @verbosity_options
 @guarded
 def segment(slides: tuple[str, ...], out_dir: Path, weights: Path | None, device: str,
-            batch_size: int, workers: int | None, precision: str, tile_px: int | None,
+            batch_size: int, workers: int | None, precision: str, tta: str,
+            tile_px: int | None,
             mpp: float | None, roi: str | None,
             no_tissue_mask: bool, geojson_gz: bool, overwrite: bool, no_resume: bool,
             strict: bool, as_json: bool, scheduler: str | None, scheduler_file: Path | None,
@@ -165,7 +171,7 @@ def segment(slides: tuple[str, ...], out_dir: Path, weights: Path | None, device
     cfg = SegmentConfig(out_dir=out_dir, slide=opts, weights=weights, device=device,
                         batch_size=batch_size, workers=workers, geojson_gz=geojson_gz,
                         overwrite=overwrite, strict=strict, precision=precision,
-                        tile_px=tile_px, resume=not no_resume, argv=tuple(sys.argv),
+                        tile_px=tile_px, tta=tta, resume=not no_resume, argv=tuple(sys.argv),
                         scheduler=_scheduler(scheduler, scheduler_file))
     reporter = make_reporter(verbose)
     from usnet_wsi.outputs import clean_stale

@@ -16,7 +16,8 @@ METRIC_KEYS = ("aji", "pq", "dice", "det_f1")
 
 
 def validate(model: USNet, data: list[Annotated], thresholds: Thresholds, dev: torch.device,
-             mpp: float = 0.25, tile_px: int | None = None) -> dict[str, float]:
+             mpp: float = 0.25, tile_px: int | None = None, tta: str = "none"
+             ) -> dict[str, float]:
     """AJI, PQ, Dice and detection F1 on the validation images, through the same path as
     `segment` (with `tile_px`, the bundle's inference tile side, as `segment` runs it):
     per-image means per dataset, and their mean over datasets (so a dataset of many small
@@ -25,7 +26,7 @@ def validate(model: USNet, data: list[Annotated], thresholds: Thresholds, dev: t
     from usnet_wsi.metrics import evaluate_pair
     if not data:
         return {}
-    pred = ModelPredictor(model, thresholds, dev, tile_px=tile_px)
+    pred = ModelPredictor(model, thresholds, dev, tile_px=tile_px, tta=tta)
     rows: dict[str, list[dict]] = {}
     for a in data:
         labels, scores = predict_image(pred, a.rgb)
