@@ -33,7 +33,8 @@ class DelayedOracle(OraclePredictor):
         return super().predict(tiles, meta, regions)
 
 
-def load(weights=None, device="auto", tile_px=None, precision="auto") -> DelayedOracle:
+def load(weights=None, device="auto", tile_px=None, precision="auto",
+         tta="none") -> DelayedOracle:
     """`load_predictor`'s signature; the oracle whatever is asked for."""
     _state["loads"] += 1
     return DelayedOracle(nuclei(), W, H, MPP, TILE, HALO)

@@ -33,7 +33,7 @@ def svs(tmp_path):
 
 @pytest.fixture
 def oracle(monkeypatch):
-    def load(weights=None, device="auto", tile_px=None, precision="auto"):
+    def load(weights=None, device="auto", tile_px=None, precision="auto", tta="none"):
         return OraclePredictor([], 800, 600, mpp=MPP, tile_px=100, halo_px=20)
 
     monkeypatch.setattr("usnet_wsi.predict.load_predictor", load)

@@ -45,7 +45,7 @@ def oracle(monkeypatch):
     """The oracle in place of the real model; records how it was asked for."""
     calls = []
 
-    def load(weights=None, device="auto", tile_px=None, precision="auto"):
+    def load(weights=None, device="auto", tile_px=None, precision="auto", tta="none"):
         calls.append((weights, device))
         return OraclePredictor(nuclei(), 360, 300, MPP, TILE, HALO)
 
