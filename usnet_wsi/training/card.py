@@ -93,7 +93,7 @@ Validation split (never trained on): {val}.
 {mtxt}
 
 The slide-level numbers (each validation image written as a pyramidal slide and run through
-`usnet-wsi segment`) are in benchmarks/results/accuracy.md.
+`usnet-wsi segment`, per dataset) are in benchmarks/results/accuracy-{name}.md.
 
 ## Training
 Epochs completed: {state.epoch} (of {cfg.epochs}); steps: {state.step}; batch size
