@@ -299,9 +299,15 @@ def segment_slide(path: str | Path, cfg: SegmentConfig, predictor: PredictorSour
                        message=note, unreadable_tiles=len(run.reader.failures))
 
 
+def _in_slide_order(failures: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Unreadable-tile records by position (top to bottom, left to right): the reader threads
+    and a resumed run record them in different orders."""
+    return sorted(failures, key=lambda f: (f["box_l0"][1], f["box_l0"][0]))
+
+
 def _warn_unreadable(reader: TolerantReader, name: str, paths: OutputPaths,
                      reporter: Reporter) -> None:
-    failures, thumb = reader.failures, reader.thumbnail_failures
+    failures, thumb = _in_slide_order(reader.failures), reader.thumbnail_failures
     if thumb:
         reporter.warn(f"{name}: {len(thumb)} part(s) of the thumbnail could not be read; the "
                       f"tissue mask treats them as glass (listed in {paths.run_json.name})")
@@ -479,7 +485,7 @@ def _run_record(run: _Run, geo: GeoJSONWriter, stage: Stage) -> dict[str, Any]:
                    "resumed_tiles": counts.resumed,
                    "geojson_features": geo.n_written, "geojson_skipped": geo.n_skipped,
                    "merge": counts.merge},
-        "unreadable_tiles": list(run.reader.failures),
+        "unreadable_tiles": _in_slide_order(run.reader.failures),
         "unreadable_thumbnail_parts": list(run.reader.thumbnail_failures),
         "outputs": {"geojson": paths.geojson.name, "zarr": paths.zarr.name,
                     "overview": paths.overview.name, "run_json": paths.run_json.name},
