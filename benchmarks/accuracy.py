@@ -124,6 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--consep-data", type=Path, default=SHARED / "consep-train", help="CoNSeP folder")
     p.add_argument("--weights", help="weights bundle passed to segment (default: its default)")
     p.add_argument("--device", help="device passed to segment (default: segment's default)")
+    p.add_argument("--tta", choices=("none", "flip", "flips"), default="none",
+                   help="test-time flips passed to segment (results go to "
+                        "accuracy-BUNDLE-tta-MODE.*)")
     p.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "accuracy",
                    help="folder for the slides and segment outputs (not committed)")
     p.add_argument("--results", type=Path, default=RESULTS,
@@ -252,6 +255,8 @@ def segment_command(slides: list[Path], out_dir: Path, args: argparse.Namespace)
         cmd += ["--weights", args.weights]
     if args.device:
         cmd += ["--device", args.device]
+    if args.tta != "none":
+        cmd += ["--tta", args.tta]
     return cmd
 
 
@@ -318,7 +323,7 @@ def evaluate_image(geojson: Path, ds: Dataset, name: str, mpp: float, size_wh: t
 
 def run_dataset(ds: Dataset, names: list[str], args: argparse.Namespace, bundle: str) -> dict:
     """Slides, one segment call, evaluation: the dataset's records and its segment wall time."""
-    work = args.work / bundle / ds.key
+    work = args.work / (bundle if args.tta == "none" else f"{bundle}-tta-{args.tta}") / ds.key
     out_dir = work / "out"
     mpps = {n: true_mpp(ds, n) for n in names}
     slides = {n: work / "slides" / f"{n}.svs" for n in names}
@@ -409,7 +414,8 @@ def report(runs: dict[str, tuple[Dataset, list[str], str, dict]], config: dict, 
     return {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": shlex.join([Path(sys.executable).name, "benchmarks/accuracy.py", *argv]),
-        "bundle": bundle,
+        "bundle": bundle + ("" if args.tta == "none" else f"-tta-{args.tta}"),
+        "tta": args.tta,
         "reused_outputs": bool(args.reuse),
         "weights": weights_of(records, config),
         "run_seconds": round(seconds, 1),
