@@ -251,7 +251,8 @@ def _journal_identity(identity: dict[str, Any], model: "Predictor") -> dict[str,
     the precision actually used (CPU and CUDA, or fp32 and bf16, differ in a few pixels)."""
     device = str(getattr(model, "device", "cpu")).split(":")[0]
     return {**identity, "device_kind": device,
-            "precision_used": getattr(model, "precision", None)}
+            "precision_used": getattr(model, "precision", None),
+            "tta_used": getattr(model, "tta", "none")}
 
 
 def _resolve(predictor: PredictorSource) -> "Predictor":
