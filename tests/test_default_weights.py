@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
@@ -31,6 +32,22 @@ def test_default_bundle_is_shipped_and_verified():
     card = (bundle.path / "MODEL_CARD.md").read_text()
     assert "CC BY-NC-SA 4.0" in card
     assert set(bundle.config["validation_images"]) and bundle.config["validation_metrics"]["aji"] > 0
+
+
+def test_every_shipped_bundle_loads_by_name_and_v1_stays_available(tmp_path, monkeypatch):
+    from usnet_wsi.errors import WeightsError
+    from usnet_wsi.model.bundle import bundle_location, shipped_bundle_path
+
+    v1 = load_bundle("usnet-monuseg-v1")
+    assert v1.name == "usnet-monuseg-v1" and v1.path == shipped_bundle_path("usnet-monuseg-v1")
+    assert v1.sha256 != load_bundle(None).sha256
+    monkeypatch.chdir(tmp_path)                    # a folder of that name here wins
+    (tmp_path / "usnet-monuseg-v1").mkdir()
+    assert bundle_location("usnet-monuseg-v1") == Path("usnet-monuseg-v1")
+    with pytest.raises(WeightsError, match="not a complete weights bundle"):
+        load_bundle("usnet-monuseg-v1")
+    with pytest.raises(WeightsError, match="weights not found"):
+        load_bundle("no-such-bundle")
 
 
 def test_default_weights_find_the_nuclei_of_a_synthetic_he_slide(tmp_path):

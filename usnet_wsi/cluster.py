@@ -174,8 +174,11 @@ def _describe(client: "Client", cfg: SegmentConfig, n_slides: int, reporter: Rep
 
 
 def shared_config(cfg: SegmentConfig) -> SegmentConfig:
-    """cfg with OUTDIR and --weights as absolute paths: workers may run in other folders."""
-    weights = None if cfg.weights is None else Path(os.path.abspath(cfg.weights))
+    """cfg with OUTDIR and --weights as absolute paths: workers may run in other folders (a
+    shipped bundle's name stays a name)."""
+    weights = cfg.weights
+    if weights is not None and (weights.exists() or len(weights.parts) > 1):
+        weights = Path(os.path.abspath(weights))
     return replace(cfg, out_dir=Path(os.path.abspath(cfg.out_dir)), weights=weights)
 
 

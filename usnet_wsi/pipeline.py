@@ -181,11 +181,9 @@ def slide_summary(slide: Slide, opts: SlideOptions, tile_px: int, halo_px: int,
 
 def weights_id(weights: Path | None) -> str:
     """sha256 of the bundle's config.json (which holds the weights' SHA-256) and thresholds."""
-    if weights is None:
-        from usnet_wsi.model.bundle import default_bundle_path   # lazy: imports torch
+    from usnet_wsi.model.bundle import bundle_location   # lazy: imports torch
 
-        weights = default_bundle_path()
-    folder = Path(weights)
+    folder = bundle_location(weights)
     folder = folder.parent if folder.is_file() else folder
     h = hashlib.sha256()
     for name in ("config.json", "thresholds.json"):

@@ -98,7 +98,8 @@ def _lines(d: dict[str, Any]) -> list[str]:
 @click.option("--roi", default=None, metavar="X,Y,W,H", help="Only this level-0 box.")
 @click.option("--no-tissue-mask", is_flag=True, help="Count every tile, not only tissue.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Weights bundle (default: the shipped one); sets tile size and resolution.")
+              help="Weights bundle: a folder or a shipped bundle's name (default: the "
+                   "shipped default); sets tile size and resolution.")
 @click.option("--device", default="auto", show_default=True, help="Device for the estimate.")
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Batch size for the estimate.")

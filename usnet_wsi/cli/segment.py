@@ -108,7 +108,8 @@ def _remove_if_empty(folder: Path) -> None:
 @click.option("-o", "--out-dir", required=True, type=click.Path(path_type=Path),
               help="Folder for the outputs (created if missing).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Weights bundle folder (default: the bundle shipped with usnet-wsi).")
+              help="Weights bundle: a folder, or the name of a bundle shipped with usnet-wsi "
+                   "(default: usnet-v2-ft1; usnet-monuseg-v1 also ships).")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N (auto: CUDA if present).")
 @click.option("--batch-size", type=int, default=8, show_default=True,

@@ -22,7 +22,7 @@ from usnet_wsi.model.spec import ModelSpec
 
 FORMAT = "usnet-wsi-bundle"
 FORMAT_VERSION = 1
-DEFAULT_BUNDLE = "usnet-monuseg-v1"
+DEFAULT_BUNDLE = "usnet-v2-ft1"
 _FILES = ("model.safetensors", "config.json", "thresholds.json")
 
 
@@ -88,6 +88,20 @@ def shipped_bundle_path(name: str) -> Path:
         raise WeightsError(f"no bundle folder or shipped bundle named {name!r}",
                            f"give a bundle folder, or one of: {', '.join(shipped)}")
     return path
+
+
+def bundle_location(path: str | Path | None) -> Path:
+    """Where a bundle is: the shipped default for None, a path that exists as given, else the
+    shipped bundle of that name (e.g. `--weights usnet-monuseg-v1`)."""
+    if path is None:
+        return default_bundle_path()
+    given = Path(path)
+    if given.exists() or os.sep in str(path) or str(path).startswith("."):
+        return given
+    try:
+        return shipped_bundle_path(str(path))
+    except WeightsError:
+        return given          # reported as "weights not found" by load_bundle
 
 
 def sha256_file(path: Path) -> str:
@@ -177,8 +191,9 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_bundle(path: str | Path | None = None) -> Bundle:
-    """Load and verify a bundle folder (the shipped default when path is None)."""
-    folder = _bundle_dir(Path(path) if path is not None else default_bundle_path())
+    """Load and verify a bundle folder, or a shipped bundle by name (the shipped default when
+    path is None)."""
+    folder = _bundle_dir(bundle_location(path))
     config = _read_json(folder / "config.json")
     _check_config(config, folder / "config.json")
     weights = folder / "model.safetensors"
