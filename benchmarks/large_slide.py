@@ -290,12 +290,17 @@ def main(argv: list[str] | None = None) -> int:
               "slide_bytes": slide.stat().st_size, "write_slide_s": write_s,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "run": json.loads(proc.stdout.strip().splitlines()[-1])}
-    args.results.mkdir(parents=True, exist_ok=True)
-    dest = args.results / f"large_slide-{args.size}-{args.model}.json"
-    dest.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    print(f"written {dest.relative_to(REPO) if dest.is_relative_to(REPO) else dest}")
+    write_result(args.results / f"large_slide-{args.size}-{args.model}.json", result,
+                 table(result))
     return 0
+
+
+def write_result(dest: Path, result: dict, text: str) -> None:
+    """The JSON result file, and the table on stdout."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    print(f"written {dest.relative_to(REPO) if dest.is_relative_to(REPO) else dest}")
 
 
 if __name__ == "__main__":

@@ -177,11 +177,8 @@ def main(argv: list[str] | None = None) -> int:
               "batch_size": args.batch_size, "workers": args.workers,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               **measure(args, slide)}
-    args.results.mkdir(parents=True, exist_ok=True)
-    dest = args.results / f"resume-{args.size}-{args.model}.json"
-    dest.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    print(f"written {dest.relative_to(REPO) if dest.is_relative_to(REPO) else dest}")
+    large_slide.write_result(args.results / f"resume-{args.size}-{args.model}.json", result,
+                             table(result))
     return 0
 
 
