@@ -245,8 +245,9 @@ def _previous(slide: Slide, paths: OutputPaths, cfg: SegmentConfig, identity: di
 
 
 def _journal_identity(identity: dict[str, Any], model: "Predictor") -> dict[str, Any]:
-    """What a resume journal is bound to: the output identity, plus the kind of device and
-    the precision actually used (CPU and CUDA, or fp32 and bf16, differ in a few pixels)."""
+    """What a resume journal is bound to: the output identity, plus the kind of device, the
+    precision and the test-time augmentation actually used (CPU and CUDA, or fp32 and bf16,
+    differ in a few pixels)."""
     device = str(getattr(model, "device", "cpu")).split(":")[0]
     return {**identity, "device_kind": device,
             "precision_used": getattr(model, "precision", None),
