@@ -19,25 +19,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tiny import tiny_model
 from usnet_wsi.cli import main
 from usnet_wsi.errors import WeightsError
 from usnet_wsi.model.bundle import (FORMAT_VERSION, Thresholds, load_bundle, save_bundle,
                                     sha256_file)
-from usnet_wsi.model.spec import ModelSpec
-from usnet_wsi.model.usnet import USNet
 from usnet_wsi.predict import ModelPredictor, load_predictor
-
-TINY = dict(base_width=2, max_width=8, head_width=8, refine_width=4)
-
-
-def tiny_model(seed: int = 0) -> USNet:
-    """Random weights; the refiner leans to 'nucleus' so that predictions are not empty."""
-    torch.manual_seed(seed)
-    model = USNet(ModelSpec(**TINY)).eval()
-    with torch.no_grad():
-        model.refiner.c4.bias.fill_(2.0)
-    return model
-
 
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:

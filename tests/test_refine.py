@@ -4,24 +4,24 @@ instances and in-memory image prediction."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
+from tiny import tiny_model
 from usnet_wsi.anchors import make_anchors
 from usnet_wsi.decode import detect_boxes
 from usnet_wsi.instances import (InstanceBatch, _cut_off, batch_instances, mask_quality,
                                  paint_masks)
 from usnet_wsi.model.bundle import Thresholds
 from usnet_wsi.model.refine import RefineNet, context_boxes, crop_resize, paste_mask
-from usnet_wsi.model.spec import ModelSpec, recipe_spec
+from usnet_wsi.model.spec import recipe_spec
 from usnet_wsi.model.usnet import USNet
 from usnet_wsi.predict import ModelPredictor, predict_image
 
-TINY = dict(base_width=2, max_width=8, head_width=8, refine_width=4)
 
 
 def boxes(*rows: Sequence[float]) -> torch.Tensor:
@@ -140,15 +140,6 @@ def test_refinenet_maps_crops_to_one_logit_map(recipe: str, channels: int) -> No
 
 
 # ---------------------------------------------------------------- tile instances
-
-def tiny_model(seed: int = 0, **spec: Any) -> USNet:
-    """Random weights; the refiner leans to 'nucleus' so masks are not empty."""
-    torch.manual_seed(seed)
-    model = USNet(ModelSpec(**TINY, **spec)).eval()
-    with torch.no_grad():
-        model.refiner.c4.bias.fill_(2.0)
-    return model
-
 
 def random_tiles(n: int, size: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)

@@ -8,30 +8,22 @@ import numpy as np
 import pytest
 import torch
 
+from tiny import TINY, tiny_model
 from usnet_wsi.anchors import make_anchors
 from usnet_wsi.config import SegmentConfig
 from usnet_wsi.errors import UsageError
 from usnet_wsi.model.bundle import Thresholds
 from usnet_wsi.model.spec import ModelSpec
-from usnet_wsi.model.usnet import USNet
 from usnet_wsi.predict import ModelPredictor
 from usnet_wsi.tta import TTA_MODES, FlipTTA, anchor_permutation
 
-TINY = dict(base_width=4, convs_per_block=1, input_size=128, halo_px=16)
-
-
-def tiny(seed: int = 0) -> USNet:
-    torch.manual_seed(seed)
-    model = USNet(ModelSpec(**TINY)).eval()
-    with torch.no_grad():
-        model.refiner.c4.bias.fill_(2.0)
-    return model
+SPEC = dict(base_width=4, convs_per_block=1, input_size=128, halo_px=16)
 
 
 @pytest.mark.parametrize("tile", [128, 556, 300])
 @pytest.mark.parametrize("dims", [(3,), (2,), (2, 3)])
 def test_anchor_permutation_maps_each_anchor_to_its_mirror_image(tile, dims) -> None:
-    spec = ModelSpec(**{**TINY, "input_size": tile})
+    spec = ModelSpec(**{**TINY, "input_size": tile, "halo_px": 16})
     anchors = make_anchors(spec).double()
     perm = anchor_permutation(spec, tile, dims)
     mirrored = anchors.clone()
@@ -44,7 +36,7 @@ def test_anchor_permutation_maps_each_anchor_to_its_mirror_image(tile, dims) -> 
 
 
 def test_flip_tta_outputs_are_exactly_mirror_equivariant() -> None:
-    model = tiny().to(memory_format=torch.channels_last)     # as the predictor runs it
+    model = tiny_model(**SPEC).to(memory_format=torch.channels_last)     # as the predictor runs it
     cl = torch.channels_last
     x = torch.randn(2, 3, 128, 128).contiguous(memory_format=cl)
     tta = FlipTTA(model.spec, 128, "flip", torch.device("cpu"))
@@ -57,7 +49,7 @@ def test_flip_tta_outputs_are_exactly_mirror_equivariant() -> None:
 
 
 def test_flips_tta_is_the_mean_of_the_mapped_back_outputs() -> None:
-    model = tiny(1)
+    model = tiny_model(1, **SPEC)
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         got = FlipTTA(model.spec, 128, "flips", torch.device("cpu"))(model, x)
@@ -69,7 +61,7 @@ def test_flips_tta_is_the_mean_of_the_mapped_back_outputs() -> None:
 
 
 def test_predictor_with_tta_finds_mirror_images_of_its_nuclei() -> None:
-    model = tiny(2)
+    model = tiny_model(2, **SPEC)
     thr = Thresholds(score=0.0, top_k=40, max_edge_fraction=1.0)
     pred = ModelPredictor(model, thr, torch.device("cpu"), tta="flip", precision="fp32")
     rng = np.random.default_rng(3)
