@@ -266,6 +266,11 @@ def table(r: dict) -> str:
                                    "tissue and plan)"),
             ("stages (s)", ", ".join(f"{k} {v:.1f}" for k, v in c["timings_s"].items())),
             ("outputs", ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in c["output_bytes"].items()))]
+    return aligned(rows)
+
+
+def aligned(rows: list[tuple[str, str]]) -> str:
+    """Two columns, the first padded to its widest entry."""
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

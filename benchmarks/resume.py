@@ -150,8 +150,7 @@ def table(r: dict) -> str:
         ("resumed run", f"{res['resumed_wall_s']:.2f} s, {res['resumed_resumed_tiles']} of "
                         f"{res['resumed_tiles']} tiles from the journal"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return large_slide.aligned(rows)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
