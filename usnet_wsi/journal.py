@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from usnet_wsi.engine import TileResult
 from usnet_wsi.nuclei import Nucleus
 from usnet_wsi.outputs import identity_changes, remove_tree
 from usnet_wsi.tiling import Tile, TilePlan
-from usnet_wsi.writers.atomic import output_error, temp_name
+from usnet_wsi.writers.atomic import atomic_path, is_temporary, output_error
 
 FORMAT = 1
 HEADER = "journal.json"
@@ -101,11 +100,7 @@ class Journal:
             return
         tiles = [r.tile for r in self._buffer]
         data = encode_band(self._buffer, self.failures_of(tiles), self.key)
-        path = self.folder / band_name(tiles[0].index)
-        try:
-            _write_atomic(path, data)
-        except OSError as err:
-            raise output_error(path, err) from None
+        _write(self.folder / band_name(tiles[0].index), data)
         self._buffer.clear()
 
     def has_bands(self) -> bool:
@@ -185,15 +180,13 @@ def _polygons(a: dict[str, np.ndarray], n: int) -> list[Polygon]:
     return list(polys)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(temp_name(path.name))
+def _write(path: Path, data: bytes) -> None:
+    """`data` as `path`, written under a temporary name and renamed."""
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        remove_tree(tmp)
-        raise
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as err:
+        raise output_error(path, err) from None
 
 
 # ---------------------------------------------------------------- opening
@@ -262,7 +255,7 @@ def _load(journal: Journal, name: str, reporter: Reporter) -> None:
             break
         journal.done.extend(results)
         journal.resumed_failures.extend(failures)
-    for leftover in journal.folder.glob(".*.tmp-*"):   # a band cut short by a kill
+    for leftover in filter(is_temporary, journal.folder.iterdir()):   # cut short by a kill
         remove_tree(leftover)
     if journal.done:
         reporter.info(f"{name}: resuming after {len(journal.done)} of {len(journal.plan.tiles)} "
@@ -274,6 +267,6 @@ def _start(req: JournalRequest, key: str) -> None:
               "tiles": len(req.plan.tiles)}
     try:
         req.folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(req.folder / HEADER, json.dumps(header, indent=1).encode())
     except OSError as err:
         raise output_error(req.folder, err) from None
+    _write(req.folder / HEADER, json.dumps(header, indent=1).encode())
