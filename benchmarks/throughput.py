@@ -62,8 +62,9 @@ def mosaic(names: list[str], repeat: int) -> np.ndarray:
 def make_slide(args: argparse.Namespace) -> Path:
     from usnet_wsi.model.bundle import load_bundle
     from usnet_wsi.pyramid import write_pyramidal_tiff
-    names = load_bundle(args.weights).config.get("validation_images") or []
-    if not names or not all((DATA / "images" / f"{n}.tif").is_file() for n in names):
+    names = [n for n in load_bundle(args.weights).config.get("validation_images") or []
+             if (DATA / "images" / f"{n}.tif").is_file()]     # its MoNuSeg validation images
+    if not names:
         raise SystemExit(f"the validation images of the bundle are not in {DATA}/images")
     path = WORK / f"mosaic-x{args.repeat}.svs"
     if not path.exists():

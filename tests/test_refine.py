@@ -14,10 +14,11 @@ from scipy import ndimage
 from tiny import tiny_model
 from usnet_wsi.anchors import make_anchors
 from usnet_wsi.decode import detect_boxes
-from usnet_wsi.instances import (InstanceBatch, _cut_off, batch_instances, mask_quality,
-                                 paint_masks)
+from usnet_wsi.instances import (InstanceBatch, _cut_off, _refine_on_cpu, batch_instances,
+                                 mask_quality, paint_masks)
 from usnet_wsi.model.bundle import Thresholds
-from usnet_wsi.model.refine import RefineNet, context_boxes, crop_resize, paste_mask
+from usnet_wsi.model.refine import (RefineNet, context_boxes, crop_resize, paste_mask,
+                                    paste_masks)
 from usnet_wsi.model.spec import recipe_spec
 from usnet_wsi.model.usnet import USNet
 from usnet_wsi.predict import ModelPredictor, predict_image
@@ -137,6 +138,26 @@ def test_refinenet_maps_crops_to_one_logit_map(recipe: str, channels: int) -> No
     assert net(x[:0]).shape == (0, 1, 48, 48)
     with pytest.raises(RuntimeError):
         net(torch.randn(1, channels + 1, 48, 48))
+
+
+@pytest.mark.parametrize("n", [1, 2, 64, 65, 130])
+def test_the_chunked_cpu_refiner_equals_one_call(n: int) -> None:
+    torch.manual_seed(n)
+    net = RefineNet(recipe_spec("default")).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(n, 6, 48, 48).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        one_call = net(torch.cat([x, x]) if n == 1 else x)[:n, 0]
+        assert torch.equal(_refine_on_cpu(net, x), one_call)
+
+
+def test_a_lower_mask_threshold_gives_larger_masks() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 48, 48) * 3
+    crops = torch.tensor([[0.0, 0, 30, 30], [5, 5, 45, 25], [0, 0, 48, 48]])
+    at_half = paste_masks(logits, crops, 48)
+    assert torch.equal(paste_masks(logits, crops, 48, 0.0), at_half)
+    lower = paste_masks(logits, crops, 48, -1.0)
+    assert bool((lower | at_half).eq(lower).all()) and lower.sum() > at_half.sum()
 
 
 # ---------------------------------------------------------------- tile instances

@@ -20,6 +20,7 @@ threshold tuning all go through it. One fixed flow of batched tensors, on the mo
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
@@ -37,6 +38,7 @@ from usnet_wsi.painting import MaskPixels, paint_batch
 # refined (the refined mask's centroid, which decides ownership, sits near the box centre).
 REGION_MARGIN_PX = 6.0
 _PASTE_CHUNK = 128        # masks pasted per chunk (sorted by size: similar window sides)
+_REFINE_CHUNK_CPU = 64    # crops per refiner call on the CPU
 SCORE_DECIMALS = 5        # scores are rounded so that they do not depend on the batch size
 
 
@@ -126,7 +128,7 @@ def batch_instances(model: USNet, x: torch.Tensor, out: USNetOutput, anchors: to
         logits = _refine(model, x, out, dets.image, crops)
     if thr.quality_weight > 0 or thr.final_score > 0:
         dets, logits, crops = _rerank(dets, logits, crops, thr)
-    masks = _paste(logits, crops, dets.image, size, thr.max_edge_fraction)
+    masks = _paste(logits, crops, dets.image, size, thr)
     return _to_host(masks, _need(masks.area, thr), dets, (b, size), detected)
 
 
@@ -145,7 +147,22 @@ def _refine(model: USNet, x: torch.Tensor, out: USNetOutput, image: torch.Tensor
     patches = crop_resize(inp, image, crops, model.spec.refine_size)
     if x.is_contiguous(memory_format=torch.channels_last):
         patches = patches.contiguous(memory_format=torch.channels_last)
-    return model.refiner(patches)[:, 0].float()
+    if x.device.type != "cpu":
+        return model.refiner(patches)[:, 0].float()
+    return _refine_on_cpu(model.refiner, patches)
+
+
+def _refine_on_cpu(refiner: torch.nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """The refiner over chunks of `_REFINE_CHUNK_CPU` crops: a chunk's activations stay in the
+    CPU caches (2.4x faster than one call). The channels-last CPU kernels give the same
+    numbers for any batch of two or more, so no chunk has a single crop (a lone crop is run
+    twice) and results do not depend on the chunking."""
+    if len(patches) == 1:
+        return refiner(torch.cat([patches, patches]))[:1, 0].float()
+    chunks = list(patches.split(_REFINE_CHUNK_CPU))
+    if len(chunks[-1]) == 1:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return torch.cat([refiner(c)[:, 0].float() for c in chunks])
 
 
 def mask_quality(logits: torch.Tensor) -> torch.Tensor:
@@ -182,8 +199,11 @@ class _Masks:
 
 
 def _paste(logits: torch.Tensor, crops: torch.Tensor, image: torch.Tensor, size: int,
-           max_edge_fraction: float) -> _Masks:
-    """Paste every mask onto its crop (in chunks of similar size) as pixel lists."""
+           thr: Thresholds) -> _Masks:
+    """Paste every mask onto its crop (in chunks of similar size) as pixel lists: the pixels
+    whose resampled refiner probability is above `mask_threshold`."""
+    p = min(max(thr.mask_threshold, 1e-6), 1 - 1e-6)
+    cut = math.log(p / (1 - p))
     n, dev = logits.shape[0], logits.device
     crops = crops.to(dev)
     side = (crops[:, 2:] - crops[:, :2]).max(dim=1).values
@@ -192,8 +212,8 @@ def _paste(logits: torch.Tensor, crops: torch.Tensor, image: torch.Tensor, size:
     usable = torch.ones(n, dtype=torch.bool, device=dev)
     for chunk in (order.split(_PASTE_CHUNK) if n else ()):
         c = crops[chunk]
-        win = paste_masks(logits[chunk], c, int(side[chunk].max()))
-        usable[chunk] = ~_cut_off(win, c, size, max_edge_fraction)
+        win = paste_masks(logits[chunk], c, int(side[chunk].max()), cut)
+        usable[chunk] = ~_cut_off(win, c, size, thr.max_edge_fraction)
         k, r, col = torch.nonzero(win, as_tuple=True)
         idx = chunk[k]
         owners.append(idx)

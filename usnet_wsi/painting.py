@@ -35,14 +35,16 @@ def paint_batch(masks: MaskPixels, n_tiles: int, size: int) -> tuple[np.ndarray,
     """Returns (labels, kept): int32 (n_tiles, size, size) label maps where the k-th kept mask
     of a tile (in rank order) is label k, and bool (N,) kept masks."""
     n = len(masks.need)
-    canvas = np.zeros(n_tiles * size * size, np.int64)           # mask index + 1, 0 = free
+    canvas = np.zeros(n_tiles * size * size, np.int32)           # mask index + 1, 0 = free
     kept = np.zeros(n, bool)
     sel = masks.usable[masks.owner]
     owner, flat = masks.owner[sel], masks.flat[sel]
-    wave = _waves(owner, flat, n)
-    for w in range(int(wave.max(initial=-1)) + 1):
-        in_wave = wave[owner] == w
-        _paint_wave(owner[in_wave], flat[in_wave], masks.need, canvas, kept, (n_tiles, size))
+    wave = _waves(owner, flat, n)[owner]
+    by_wave = np.argsort(wave, kind="stable")
+    bounds = np.searchsorted(wave[by_wave], np.arange(int(wave.max(initial=-1)) + 2))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        idx = by_wave[a:b]
+        _paint_wave(owner[idx], flat[idx], masks.need, canvas, kept, (n_tiles, size))
     local = np.zeros(n + 1, np.int32)
     idx = np.flatnonzero(kept)
     per_tile = np.bincount(masks.tile[idx], minlength=n_tiles)
@@ -71,6 +73,35 @@ def _waves(owner: np.ndarray, flat: np.ndarray, n: int) -> np.ndarray:
     return wave
 
 
+def _pack_windows(owner: np.ndarray, row: np.ndarray, col: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Lay the bounding windows of the masks side by side on shelves of one small image (the
+    labelling then covers the masks, not the tiles). Returns each pixel's row and column
+    there, and the image's shape. A window is a translated copy of its mask, so raster order
+    within a mask is kept; masks never join, as their pixels hold different ids."""
+    uniq, inv = np.unique(owner, return_inverse=True)
+    m = len(uniq)
+    y0, x0 = np.full(m, row.max()), np.full(m, col.max())
+    y1, x1 = np.zeros(m, row.dtype), np.zeros(m, col.dtype)
+    np.minimum.at(y0, inv, row)
+    np.minimum.at(x0, inv, col)
+    np.maximum.at(y1, inv, row)
+    np.maximum.at(x1, inv, col)
+    h, w = y1 - y0 + 1, x1 - x0 + 1
+    order = np.argsort(-h, kind="stable")                   # tallest first: tight shelves
+    width = max(int(np.sqrt((h * w).sum())) + 1, 64)
+    start = np.cumsum(w[order]) - w[order]
+    shelf = start // width
+    first = np.ones(m, bool)
+    first[1:] = shelf[1:] != shelf[:-1]
+    shelf_h = h[order][first]                                # its first window is its tallest
+    oy, ox = np.zeros(m, np.int64), np.zeros(m, np.int64)
+    oy[order] = (np.cumsum(shelf_h) - shelf_h)[np.cumsum(first) - 1]
+    ox[order] = start - shelf * width
+    shape = (int(shelf_h.sum()), width + int(w.max()))
+    return oy[inv] + row - y0[inv], ox[inv] + col - x0[inv], shape
+
+
 def _paint_wave(owner: np.ndarray, flat: np.ndarray, need: np.ndarray, canvas: np.ndarray,
                 kept: np.ndarray, shape: tuple[int, int]) -> None:
     """Paint the largest free part of each mask of one wave (masks do not overlap)."""
@@ -78,15 +109,10 @@ def _paint_wave(owner: np.ndarray, flat: np.ndarray, need: np.ndarray, canvas: n
     owner, flat = owner[free], flat[free]
     if len(flat) == 0:
         return
-    n_tiles, size = shape
-    # one image of all tiles stacked, a blank row between tiles so parts never join across
-    rows = (flat // size // size) * (size + 1) + (flat // size) % size
-    cols = flat % size
-    r0, r1 = rows.min(), rows.max() + 1
-    ids = np.zeros((r1 - r0, size), np.int64)
-    ids[rows - r0, cols] = owner + 1
-    parts = label_parts(ids, background=0, connectivity=1)
-    part = parts[rows - r0, cols]
+    rows, cols, shape2d = _pack_windows(owner, flat // shape[1], flat % shape[1])
+    ids = np.zeros(shape2d, np.int32)
+    ids[rows, cols] = owner + 1
+    part = label_parts(ids, background=0, connectivity=1)[rows, cols]
     part_size = np.bincount(part)
     part_owner = np.zeros(len(part_size), np.int64)
     part_owner[part] = owner

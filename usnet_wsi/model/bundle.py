@@ -38,10 +38,11 @@ class Thresholds:
     max_edge_fraction: float = 0.3  # a mask covering more of its crop border is a cut-off piece
     quality_weight: float = 0.0  # w: ranking score = detection^(1-w) * mask quality^w (0: off)
     final_score: float = 0.0     # nuclei whose ranking score is below this are dropped
+    mask_threshold: float = 0.5  # refiner probability above which a pixel is in the nucleus
 
     def __post_init__(self) -> None:
         for key in ("score", "nms", "rescue_prob", "keep_fraction", "max_edge_fraction",
-                    "quality_weight", "final_score"):
+                    "quality_weight", "final_score", "mask_threshold"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise WeightsError(f"threshold {key} = {v!r} must be a number in [0, 1]",

@@ -82,12 +82,13 @@ def _slot_in_image(batch_index: torch.Tensor, counts: torch.Tensor) -> torch.Ten
     return slot
 
 
-def paste_masks(logits: torch.Tensor, crops: torch.Tensor, side: int) -> torch.Tensor:
+def paste_masks(logits: torch.Tensor, crops: torch.Tensor, side: int, cut: float = 0.0
+                ) -> torch.Tensor:
     """Resample (N, S, S) logit maps onto their integer crop boxes, all at once.
 
     Returns bool (N, side, side) windows: pixel (r, c) of window n is pixel
     (crops[n, 1] + r, crops[n, 0] + c) of the image, True where the bilinearly resampled logit
-    is > 0 (the same samples as `F.interpolate(..., align_corners=False)` to the crop's size);
+    is > `cut` (the same samples as `F.interpolate(..., align_corners=False)` to the crop's size);
     pixels beyond the crop's own height / width are False. `side` >= the largest crop side."""
     n, s = logits.shape[0], logits.shape[-1]
     if n == 0:
@@ -101,7 +102,7 @@ def paste_masks(logits: torch.Tensor, crops: torch.Tensor, side: int) -> torch.T
     m = F.grid_sample(logits.float().view(n, 1, s, s), grid, mode="bilinear",
                       padding_mode="border", align_corners=False)[:, 0]
     inside = (gx < 1)[:, None, :] & (gy < 1)[:, :, None]
-    return (m > 0) & inside
+    return (m > cut) & inside
 
 
 def paste_mask(logits48: torch.Tensor, crop: tuple[int, int, int, int]) -> torch.Tensor:
