@@ -84,9 +84,10 @@ def mask_to_polygon(
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (h, w), got shape {mask.shape}")
-    padded = np.pad(mask.astype(bool), 1).astype(np.float32)
-    if not padded.any():
+    if not mask.any():
         return None
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.float32)
+    padded[1:-1, 1:-1] = mask.astype(bool)
     contours = find_contours(padded, 0.5, fully_connected="high")
     rings = [Polygon(c[:, ::-1] - 0.5) for c in contours if len(c) >= 4]
     if not rings:

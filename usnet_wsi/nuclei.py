@@ -82,8 +82,9 @@ def tile_nuclei(frame: TileFrame, rgb: np.ndarray, labels: np.ndarray,
     out = []
     for k in np.flatnonzero(owned):
         sl = boxes[k]
-        poly = mask_to_polygon(labels[sl] == k + 1, origin_xy=(sl[1].start, sl[0].start))
+        poly = mask_to_polygon(labels[sl] == k + 1)
         if poly is not None:
-            out.append(Nucleus(transform_polygon(poly, frame.to_l0), float(scores[k]),
-                               frame.index, float(od[k])))
+            corner = (float(sl[1].start), float(sl[0].start))    # one transform: tile -> l0
+            l0 = transform_polygon(poly, lambda xy, c=corner: frame.to_l0(xy + c))
+            out.append(Nucleus(l0, float(scores[k]), frame.index, float(od[k])))
     return out
