@@ -27,8 +27,8 @@ from shapely.geometry import MultiPolygon, Polygon
 from skimage.measure import find_contours
 
 __all__ = [
-    "fill_polygon", "largest_polygon", "mask_to_polygon", "pixel_span", "polygon_to_mask",
-    "transform_polygon",
+    "fill_polygon", "largest_polygon", "mask_to_polygon", "pixel_span", "polygon_from_rings",
+    "polygon_to_mask", "transform_polygon",
 ]
 
 CoordFn = Callable[[np.ndarray], np.ndarray]
@@ -89,19 +89,26 @@ def mask_to_polygon(
     padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.float32)
     padded[1:-1, 1:-1] = mask.astype(bool)
     contours = find_contours(padded, 0.5, fully_connected="high")
-    rings = [Polygon(c[:, ::-1] - 0.5) for c in contours if len(c) >= 4]
+    poly = polygon_from_rings([c[:, ::-1] - 0.5 for c in contours], simplify_px)
+    ox, oy = float(origin_xy[0]), float(origin_xy[1])
+    if poly is not None and (ox or oy):
+        poly = shapely.transform(poly, lambda xy: xy + (ox, oy))
+    return poly
+
+
+def polygon_from_rings(rings_xy: list[np.ndarray], simplify_px: float) -> Polygon | None:
+    """The polygon `mask_to_polygon` makes of a mask's traced rings ((n, 2) closed x, y
+    vertex arrays): nested rings composed even-odd (outlines and holes), the largest valid
+    part kept, then simplified."""
+    rings = [Polygon(c) for c in rings_xy if len(c) >= 4]
     if not rings:
         return None
-    # Even-odd composition: nested rings alternate between outlines and holes.
     geom = reduce(shapely.symmetric_difference, rings)
     poly = largest_polygon(geom)
     if poly is None:
         return None
     if simplify_px > 0:
         poly = _simplified(poly, simplify_px)
-    ox, oy = float(origin_xy[0]), float(origin_xy[1])
-    if ox or oy:
-        poly = shapely.transform(poly, lambda xy: xy + (ox, oy))
     return poly
 
 

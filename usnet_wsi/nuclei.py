@@ -2,8 +2,8 @@
 
 `tile_nuclei` is the CPU-bound half of the instance path: a tile's label map (from
 `usnet_wsi.instances`) -> the nuclei the tile owns (centroid in its claimed box) -> outline
-polygons in level-0 pixels -> hematoxylin OD mean. Centroids, ownership and stain means are
-computed for all nuclei of the tile at once; only the outline is traced per nucleus. The module
+polygons in level-0 pixels -> hematoxylin OD mean. Centroids, ownership, stain means and the
+outlines (`usnet_wsi.contours`) are computed for all nuclei of the tile at once. The module
 imports no torch, so the engine can run it in light worker processes.
 """
 
@@ -13,10 +13,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import shapely
 from scipy import ndimage
 from shapely.geometry import Polygon
 
-from usnet_wsi.geometry import mask_to_polygon, transform_polygon
+from usnet_wsi.contours import masks_to_polygons
 from usnet_wsi.measure import hematoxylin_od
 
 __all__ = ["Nucleus", "TileFrame", "tile_nuclei"]
@@ -79,12 +80,14 @@ def tile_nuclei(frame: TileFrame, rgb: np.ndarray, labels: np.ndarray,
         od = np.bincount(lab, weights=hematoxylin_od(rgb[rows, cols]), minlength=n + 1)[1:] / area
     owned = (area > 0) & frame.claims(frame.to_l0(np.column_stack([cx, cy])))
     boxes = ndimage.find_objects(labels, max_label=n)
-    out = []
-    for k in np.flatnonzero(owned):
-        sl = boxes[k]
-        poly = mask_to_polygon(labels[sl] == k + 1)
-        if poly is not None:
-            corner = (float(sl[1].start), float(sl[0].start))    # one transform: tile -> l0
-            l0 = transform_polygon(poly, lambda xy, c=corner: frame.to_l0(xy + c))
-            out.append(Nucleus(l0, float(scores[k]), frame.index, float(od[k])))
-    return out
+    keys = np.flatnonzero(owned)
+    polys = masks_to_polygons(labels, boxes, keys, pixels=(rows, cols))
+    traced = [i for i, p in enumerate(polys) if p is not None]
+    if not traced:
+        return []
+    keys = keys[traced]
+    corner = np.array([(boxes[k][1].start, boxes[k][0].start) for k in keys], np.float64)
+    geoms = np.array([polys[i] for i in traced], dtype=object)
+    _, at = shapely.get_coordinates(geoms, include_z=False, return_index=True)
+    l0 = shapely.transform(geoms, lambda xy: frame.to_l0(xy + corner[at]))   # tile -> l0
+    return [Nucleus(g, float(scores[k]), frame.index, float(od[k])) for g, k in zip(l0, keys)]
