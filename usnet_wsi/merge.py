@@ -73,6 +73,7 @@ class _Bucket:
     row: int
     entries: list[_Entry] = field(default_factory=list)
     box: tuple[float, float, float, float] | None = None
+    bounds: np.ndarray | None = None      # (n, 4) bounds of the entries' original outlines
 
 
 class Merger:
@@ -134,6 +135,8 @@ class Merger:
             bucket = self._buckets.setdefault(tile.index, _Bucket(row=tile.row))
             bucket.entries.extend(e for e in incoming if e.alive)
             bucket.box = _union_box(incoming)
+            bucket.bounds = shapely.bounds(np.array([e.original for e in bucket.entries],
+                                                    dtype=object)).reshape(-1, 4)
         return done
 
     def flush(self) -> list[Nucleus]:
@@ -183,11 +186,16 @@ class Merger:
         self._clip_overlaps(old + [e for e in incoming if e.alive], len(old))
 
     def _candidates(self, box: tuple[float, float, float, float]) -> list[_Entry]:
-        """Pending nuclei of tiles whose extent meets ``box``."""
+        """Pending nuclei whose bounding box meets ``box`` (only they can meet a nucleus
+        inside it)."""
         out: list[_Entry] = []
         for bucket in self._buckets.values():
-            if bucket.box is not None and _boxes_meet(bucket.box, box):
-                out.extend(e for e in bucket.entries if e.alive)
+            if bucket.box is None or not _boxes_meet(bucket.box, box):
+                continue
+            b = bucket.bounds
+            meets = (b[:, 0] <= box[2]) & (box[0] <= b[:, 2]) & (b[:, 1] <= box[3]) \
+                & (box[1] <= b[:, 3])
+            out.extend(e for e, m in zip(bucket.entries, meets) if m and e.alive)
         return out
 
     def _suppress_duplicates(self, pool: list[_Entry], n_old: int) -> None:
