@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from usnet_wsi.anchors import box_iou, decode, encode, feature_sizes, make_anchors, match
@@ -118,3 +119,12 @@ def test_batched_detection_equals_one_image_at_a_time():
         assert torch.equal(dets.boxes[dets.image == i], b) and len(b) > 3
         assert torch.equal(dets.scores[dets.image == i], s)
         assert (s[:-1] >= s[1:]).all()
+
+
+def test_outputs_for_another_tile_size_are_refused():
+    from usnet_wsi.decode import detect
+    anchors = make_anchors(ModelSpec(input_size=128))
+    small = make_anchors(ModelSpec(input_size=96))
+    logits, loc = torch.zeros(1, small.shape[0]), torch.zeros(1, small.shape[0], 4)
+    with pytest.raises(ValueError, match="another tile size"):
+        detect(logits, loc, anchors, 0.5, 0.4, 100, 128)

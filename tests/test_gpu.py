@@ -48,8 +48,9 @@ def test_predictor_runs_the_network_in_half_precision_on_cuda() -> None:
     seen: list[torch.dtype] = []
     pred.model.unet.register_forward_hook(lambda m, i, out: seen.append(out[0].dtype))
     rng = np.random.default_rng(0)
-    tiles = rng.integers(120, 230, (2, 300, 300, 3), dtype=np.uint8)
+    size = pred.tile_px
+    tiles = rng.integers(120, 230, (2, size, size, 3), dtype=np.uint8)
     found = pred.predict(tiles)
-    assert len(found) == 2 and found.labels.shape == (2, 300, 300)
+    assert len(found) == 2 and found.labels.shape == (2, size, size)
     assert pred.amp and seen == [torch.float16]
     assert next(pred.model.parameters()).is_cuda

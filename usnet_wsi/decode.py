@@ -85,6 +85,9 @@ def detect(conf_logits: torch.Tensor, loc: torch.Tensor, anchors: torch.Tensor,
     the `top_k` best candidates above `score_threshold`, decoded (clipped to [0, size]; boxes
     of 2 px or less dropped) and suppressed greedily within their image. Sorted by (image,
     score descending)."""
+    if conf_logits.shape[1] != anchors.shape[0] or loc.shape[1] != anchors.shape[0]:
+        raise ValueError(f"{conf_logits.shape[1]} network outputs per image for "
+                         f"{anchors.shape[0]} anchors: the anchors are for another tile size")
     scores = torch.sigmoid(conf_logits.float())
     top, idx = scores.topk(min(top_k, scores.shape[1]), dim=1)         # sorted, per image
     k = max(int((top >= score_threshold).sum(dim=1).max()), 1)
