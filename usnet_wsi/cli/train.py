@@ -130,6 +130,10 @@ def resolve_init(init: str | None, resume: bool) -> Path | None:
 @click.option("--init", "init", default=None, metavar="BUNDLE",
               help="Start from a bundle's weights (fine-tuning): a bundle folder, or the name of "
                    "a bundle shipped with usnet-wsi (e.g. usnet-monuseg-v1).")
+@click.option("--base-width", type=click.IntRange(min=2), default=None,
+              help="The U-Net's base width (default: the recipe's, or the --init bundle's). "
+                   "Wider than the --init bundle's grows its network without changing what it "
+                   "computes, then training goes on: more capacity without starting over.")
 @click.option("--lr-scale", default=1.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="Multiply every learning rate (e.g. 0.3 when fine-tuning with --init).")
@@ -137,8 +141,8 @@ def resolve_init(init: str | None, resume: bool) -> Path | None:
 @guarded
 def train(data: tuple[Path, ...], out: Path, val: str, epochs: int, batch_size: int,
           device: str, max_minutes: float | None, resume: bool, seed: int, recipe: str,
-          val_every: int, name: str | None, init: str | None, lr_scale: float,
-          verbose: int) -> None:
+          val_every: int, name: str | None, init: str | None, base_width: int | None,
+          lr_scale: float, verbose: int) -> None:
     """Train US-Net (detector + segmenter) and the 48x48 refiner on annotated H&E images.
 
     DATA folders hold images/ with labels/ (instance maps) and/or annotations/ (ImageScope XML),
@@ -166,7 +170,7 @@ def train(data: tuple[Path, ...], out: Path, val: str, epochs: int, batch_size: 
     cfg = TrainConfig(out=out, recipe=recipe, epochs=epochs, batch_size=batch_size,
                       max_minutes=max_minutes, device=device, seed=seed, resume=resume,
                       val_every=val_every, name=name or out.name, init=init_path,
-                      lr_scale=lr_scale)
+                      lr_scale=lr_scale, base_width=base_width)
     info = {"validation_images": sorted(val_names), "train_images": sorted(a.name for a in train_set),
             "datasets": sorted({a.dataset for a in loaded}),
             "command": "usnet-wsi " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

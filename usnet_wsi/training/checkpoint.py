@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from usnet_wsi.errors import DataError
+from usnet_wsi.errors import DataError, WeightsError
+from usnet_wsi.model.spec import ModelSpec
 
 
 def _flatten(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[Any]]:
@@ -37,8 +38,24 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, opts: list[torch.optim
     save_file(tensors, str(tmp))
     os.replace(tmp, folder / "state.safetensors")
     meta = {"state": asdict(state), "param_groups": groups}
+    if isinstance(getattr(model, "spec", None), ModelSpec):
+        meta["spec"] = model.spec.to_dict()         # resume rebuilds this architecture
     (folder / "state.json.tmp").write_text(json.dumps(meta))
     os.replace(folder / "state.json.tmp", folder / "state.json")
+
+
+def checkpoint_spec(folder: Path) -> ModelSpec | None:
+    """The architecture of the model in a checkpoint (None when it does not say, or there is
+    no checkpoint: then the recipe's is assumed)."""
+    try:
+        spec = json.loads((folder / "state.json").read_text()).get("spec")
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        return ModelSpec.from_dict(spec) if spec is not None else None
+    except WeightsError as err:
+        raise DataError(f"the checkpoint in {folder} has an unreadable model spec: {err}",
+                        "drop --resume to start afresh") from None
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, opts: list[torch.optim.Optimizer]

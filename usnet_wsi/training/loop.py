@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ from usnet_wsi.anchors import make_anchors
 from usnet_wsi.console import Reporter
 from usnet_wsi.errors import UsageError
 from usnet_wsi.model.bundle import Thresholds, load_bundle, save_bundle
+from usnet_wsi.model.grow import widen
 from usnet_wsi.model.refine import context_boxes, crop_resize
 from usnet_wsi.model.spec import recipe_spec
 from usnet_wsi.model.usnet import USNet
@@ -39,6 +40,7 @@ class TrainConfig:
     name: str = "usnet-custom"
     lr_scale: float = 1.0
     init: Path | None = None       # start from this bundle's weights (fine-tuning)
+    base_width: int | None = None  # U-Net base width (None: the recipe's or the init bundle's)
 
 
 @dataclass
@@ -132,9 +134,10 @@ def checkpoint_dir(out: Path) -> Path:
 
 def _init(cfg: TrainConfig, dev: torch.device, reporter: Reporter) -> tuple[
         USNet, list, TrainState]:
-    from usnet_wsi.training.checkpoint import load_checkpoint
+    from usnet_wsi.training.checkpoint import checkpoint_spec, load_checkpoint
     torch.manual_seed(cfg.seed)
-    model = initial_model(cfg, reporter).to(dev)
+    spec = checkpoint_spec(checkpoint_dir(cfg.out)) if cfg.resume else None
+    model = (USNet(spec) if spec is not None else initial_model(cfg, reporter)).to(dev)
     opts = make_optimizers(model, cfg.recipe, cfg.lr_scale)
     state = TrainState()
     if cfg.resume:
@@ -146,16 +149,22 @@ def _init(cfg: TrainConfig, dev: torch.device, reporter: Reporter) -> tuple[
 
 def initial_model(cfg: TrainConfig, reporter: Reporter) -> USNet:
     """A fresh model of the recipe, or (`cfg.init`) the weights and architecture of a bundle,
-    which must have been trained with the same recipe."""
+    which must have been trained with the same recipe. `cfg.base_width` sets the U-Net's base
+    width; a bundle is grown to it without changing what it computes (`model.grow.widen`)."""
     if cfg.init is None:
-        return USNet(recipe_spec(cfg.recipe))
+        spec = recipe_spec(cfg.recipe)
+        return USNet(replace(spec, base_width=cfg.base_width or spec.base_width))
     bundle = load_bundle(cfg.init)
     if bundle.spec.recipe != cfg.recipe:
         raise UsageError(f"--init {cfg.init}: the bundle was trained with recipe "
                          f"{bundle.spec.recipe!r}, not {cfg.recipe!r}",
                          f"add --recipe {bundle.spec.recipe}, or train from scratch")
     reporter.info(f"starting from {bundle.name} ({bundle.sha256[:12]})")
-    return bundle.build_model().train()
+    model = bundle.build_model().train()
+    if cfg.base_width and cfg.base_width != bundle.spec.base_width:
+        model = widen(model, cfg.base_width, cfg.seed)
+        reporter.info(f"grown from base width {bundle.spec.base_width} to {cfg.base_width}")
+    return model
 
 
 def init_thresholds(cfg: TrainConfig) -> Thresholds:
