@@ -63,7 +63,7 @@ from usnet_wsi.metrics import DEFINITIONS, METRIC_KEYS, image_counts, summarise_
 from usnet_wsi.writers.atomic import atomic_path  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
-DEFAULT_BUNDLE = "usnet-v2-ft1"
+DEFAULT_BUNDLE = "usnet-v2-w10"
 RESULTS = REPO / "benchmarks" / "results"
 HEADERS = ("AJI", "AJI+", "PQ", "DQ", "SQ", "Dice", "Det F1", "AP50", "Pixel acc")
 CONSEP_VAL_SOURCES = ("train_16", "train_17", "train_20", "train_23", "train_27")

@@ -22,7 +22,7 @@ TOLERANCE = {"seg_probs": 1e-4, "det_probs": 1e-4, "boxes_xyxy": 1e-2, "refine_i
                    "NAME.refine.onnx beside it (needs the 'export' extra).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Weights bundle: a folder, or the name of a bundle shipped with usnet-wsi "
-                   "(default: usnet-v2-ft1; usnet-monuseg-v1 also ships).")
+                   "(default: usnet-v2-w10; usnet-v2-ft1 and usnet-monuseg-v1 also ship).")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="File to write, e.g. usnet.onnx or usnet.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")

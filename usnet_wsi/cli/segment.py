@@ -109,7 +109,7 @@ def _remove_if_empty(folder: Path) -> None:
               help="Folder for the outputs (created if missing).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Weights bundle: a folder, or the name of a bundle shipped with usnet-wsi "
-                   "(default: usnet-v2-ft1; usnet-monuseg-v1 also ships).")
+                   "(default: usnet-v2-w10; usnet-v2-ft1 and usnet-monuseg-v1 also ship).")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N (auto: CUDA if present).")
 @click.option("--batch-size", type=int, default=8, show_default=True,

@@ -22,7 +22,7 @@ from usnet_wsi.model.spec import ModelSpec
 
 FORMAT = "usnet-wsi-bundle"
 FORMAT_VERSION = 1
-DEFAULT_BUNDLE = "usnet-v2-ft1"
+DEFAULT_BUNDLE = "usnet-v2-w10"
 _FILES = ("model.safetensors", "config.json", "thresholds.json")
 
 
