@@ -25,6 +25,11 @@ from usnet_wsi.predict import ModelPredictor, predict_image
 
 
 
+def tile_anchors(model: USNet, x: torch.Tensor) -> torch.Tensor:
+    """The anchor grid of the model's feature maps for tiles of x's side."""
+    return make_anchors(replace(model.spec, input_size=x.shape[-1]))
+
+
 def boxes(*rows: Sequence[float]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -177,7 +182,7 @@ def sequential_reference(model: USNet, x, out, thr: Thresholds, region=None) -> 
     """The instance step written the slow, obvious way: per tile, per detection, one mask
     after the other (gathered crops, F.interpolate paste, edge check, best-first painting that
     keeps the largest connected part of the free pixels)."""
-    size, anchors = x.shape[-1], make_anchors(model.spec)
+    size, anchors = x.shape[-1], tile_anchors(model, x)
     inp = torch.cat([x, model.seg_probs(out.seg_logits)], 1)
     result = []
     for i in range(x.shape[0]):
@@ -272,7 +277,7 @@ def test_batch_instances_equal_one_by_one_painting(thr: Thresholds, discs: bool)
     if discs:
         model.refiner = DiscRefiner()
     x, out = run_model(model, random_tiles(3, 128, seed=4))
-    got = batch_instances(model, x, out, make_anchors(model.spec), thr)
+    got = batch_instances(model, x, out, tile_anchors(model, x), thr)
     want = sequential_reference(model, x, out, thr)
     assert got.counts.tolist() == [int(w.max()) for w in want] and got.counts.sum() >= 6
     for i, w in enumerate(want):
@@ -294,7 +299,7 @@ def test_a_final_score_drops_the_least_certain_masks() -> None:
     model = tiny_model()
     model.refiner = DiscRefiner()
     x, out = run_model(model, random_tiles(3, 128, seed=4))
-    anchors = make_anchors(model.spec)
+    anchors = tile_anchors(model, x)
     base = Thresholds(score=0.0, top_k=60, nms=0.6, max_edge_fraction=1.0, quality_weight=0.5)
     everything = batch_instances(model, x, out, anchors, base)
     cut = float(np.nanmedian(everything.scores))
@@ -307,7 +312,7 @@ def test_only_detections_the_tile_can_own_are_refined() -> None:
     model = tiny_model(seed=1)
     thr = Thresholds(score=0.0, top_k=60, nms=0.5, max_edge_fraction=1.0)
     x, out = run_model(model, random_tiles(2, 128, seed=5))
-    anchors = make_anchors(model.spec)
+    anchors = tile_anchors(model, x)
     region = (40.0, 30.0, 90.0, 100.0)
     got = batch_instances(model, x, out, anchors, thr, torch.tensor([region, region]))
     want = sequential_reference(model, x, out, thr, region)
