@@ -54,8 +54,9 @@ def widen(model: USNet, base_width: int, seed: int = 0) -> USNet:
         raise UsageError(f"a base width of {base_width} is narrower than the bundle's "
                          f"{spec.base_width}", f"use {spec.base_width} or more")
     grown = USNet(replace(spec, base_width=base_width))
+    target = grown.state_dict()        # tensors of unchanged shape (refiner, head, deep levels)
     grown.load_state_dict({k: v for k, v in model.state_dict().items()
-                           if k.startswith("refiner.")}, strict=False)
+                           if v.shape == target[k].shape}, strict=False)
     rng = np.random.default_rng(seed)
     maps = [_Map.grown(spec.width(i), grown.spec.width(i), rng) for i in range(spec.depth + 1)]
     old, new = model.unet, grown.unet
@@ -68,9 +69,6 @@ def widen(model: USNet, base_width: int, seed: int = 0) -> USNet:
         _conv(old.seg_head, new.seg_head, maps[0], _Map.identity(spec.seg_classes))
         for level, t_old, t_new in zip(spec.det_levels, model.head.towers, grown.head.towers):
             _conv(t_old[0], t_new[0], maps[level], _Map.identity(t_old[0].out_channels))
-            t_new[2].load_state_dict(t_old[2].state_dict())
-        grown.head.cls.load_state_dict(model.head.cls.state_dict())
-        grown.head.loc.load_state_dict(model.head.loc.state_dict())
     return grown.train(model.training)
 
 
