@@ -8,21 +8,19 @@ instance step, ownership and merge as slides (training validation and threshold 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from usnet_wsi.anchors import make_anchors
 from usnet_wsi.config import PRECISIONS
 from usnet_wsi.errors import UsageError
 from usnet_wsi.instances import InstanceBatch, batch_instances
 from usnet_wsi.model.bundle import Bundle, Thresholds, load_bundle
+from usnet_wsi.model.inference import inference_copy
 from usnet_wsi.model.usnet import USNet
 from usnet_wsi.tta import FlipTTA
 
@@ -91,8 +89,9 @@ def _cpu_has_bf16() -> bool:
 class ModelPredictor:
     """Runs an in-memory US-Net model (training validation and bundles alike).
 
-    Inference runs on a copy of the model with batch norm folded into the convolutions, in
-    channels-last layout, whose CPU kernels are both faster and independent of the batch size
+    Inference runs on a copy of the model with batch norm folded into the convolutions (and on
+    the CPU, fused with their ReLU: `usnet_wsi.model.inference`), in channels-last layout,
+    whose CPU kernels are both faster and independent of the batch size
     for batches of two or more: a batch of one tile is run as two copies, so results never
     depend on `--batch-size`. `precision` (see `resolve_precision`) is the autocast dtype of the
     network and the refiner; the instance step computes in float32."""
@@ -100,8 +99,7 @@ class ModelPredictor:
     def __init__(self, model: USNet, thresholds: Thresholds, device: torch.device,
                  name: str = "in-memory", sha256: str = "", tile_px: int | None = None,
                  precision: str = "auto", tta: str = "none") -> None:
-        self.model = fold_batch_norm(copy.deepcopy(model)).to(device).eval()
-        self.model.to(memory_format=torch.channels_last)
+        self.model = inference_copy(model, device)
         self.thresholds = thresholds
         self.torch_device = device
         self.device = str(device)
@@ -140,24 +138,6 @@ class ModelPredictor:
         found = batch_instances(self.model, x, out, self.anchors, self.thresholds, reg,
                                 self.autocast)
         return found if n > 1 else _first(found)
-
-
-def fold_batch_norm(module: nn.Module) -> nn.Module:
-    """Fold every Conv2d directly followed by a BatchNorm2d (in a Sequential) into one Conv2d
-    (inference only; the module is changed in place and returned)."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Sequential):
-            layers, out = list(child), []
-            while layers:
-                layer = layers.pop(0)
-                if isinstance(layer, nn.Conv2d) and layers and isinstance(layers[0], nn.BatchNorm2d):
-                    out.append(fuse_conv_bn_eval(layer.eval(), layers.pop(0).eval()))
-                else:
-                    out.append(fold_batch_norm(layer))
-            setattr(module, name, nn.Sequential(*out))
-        else:
-            fold_batch_norm(child)
-    return module
 
 
 def _first(batch: InstanceBatch) -> InstanceBatch:
