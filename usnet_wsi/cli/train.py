@@ -137,12 +137,16 @@ def resolve_init(init: str | None, resume: bool) -> Path | None:
 @click.option("--lr-scale", default=1.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="Multiply every learning rate (e.g. 0.3 when fine-tuning with --init).")
+@click.option("--ema", "ema", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0,
+              metavar="DECAY",
+              help="Validate and save an exponential moving average of the weights with this "
+                   "decay per step (e.g. 0.998; 0: off, the weights as trained).")
 @verbosity_options
 @guarded
 def train(data: tuple[Path, ...], out: Path, val: str, epochs: int, batch_size: int,
           device: str, max_minutes: float | None, resume: bool, seed: int, recipe: str,
           val_every: int, name: str | None, init: str | None, base_width: int | None,
-          lr_scale: float, verbose: int) -> None:
+          lr_scale: float, ema: float, verbose: int) -> None:
     """Train US-Net (detector + segmenter) and the 48x48 refiner on annotated H&E images.
 
     DATA folders hold images/ with labels/ (instance maps) and/or annotations/ (ImageScope XML),
@@ -170,7 +174,7 @@ def train(data: tuple[Path, ...], out: Path, val: str, epochs: int, batch_size: 
     cfg = TrainConfig(out=out, recipe=recipe, epochs=epochs, batch_size=batch_size,
                       max_minutes=max_minutes, device=device, seed=seed, resume=resume,
                       val_every=val_every, name=name or out.name, init=init_path,
-                      lr_scale=lr_scale, base_width=base_width)
+                      lr_scale=lr_scale, base_width=base_width, ema=ema)
     info = {"validation_images": sorted(val_names), "train_images": sorted(a.name for a in train_set),
             "datasets": sorted({a.dataset for a in loaded}),
             "command": "usnet-wsi " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

@@ -29,11 +29,14 @@ def _flatten(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor]
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, opts: list[torch.optim.Optimizer],
-                    state: Any) -> None:
+                    state: Any, average: torch.nn.Module | None = None) -> None:
+    """`average`: the weight average of `--ema`, kept beside the trained weights."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors, groups = _flatten(opts)
-    tensors.update({f"model.{k}": v.detach().cpu().contiguous()
-                    for k, v in model.state_dict().items()})
+    for prefix, module in (("model", model), ("ema", average)):
+        if module is not None:
+            tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous()
+                            for k, v in module.state_dict().items()})
     tmp = folder / "state.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, folder / "state.safetensors")
@@ -58,20 +61,29 @@ def checkpoint_spec(folder: Path) -> ModelSpec | None:
                         "drop --resume to start afresh") from None
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, opts: list[torch.optim.Optimizer]
-                    ) -> dict[str, Any]:
+def load_checkpoint(folder: Path, model: torch.nn.Module, opts: list[torch.optim.Optimizer],
+                    average: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Restore `model`, `opts` and (when given) the `--ema` weight `average` from `folder`;
+    returns the training state. A checkpoint written without --ema starts the average from the
+    restored weights."""
     if not (folder / "state.json").is_file():
         raise DataError(f"nothing to resume in {folder}", "drop --resume to start afresh")
     try:
         meta = json.loads((folder / "state.json").read_text())
         tensors = load_file(str(folder / "state.safetensors"))
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        model.load_state_dict(_prefixed(tensors, "model."))
+        if average is not None:
+            average.load_state_dict(_prefixed(tensors, "ema.") or model.state_dict())
         _load_optimizers(opts, tensors, meta)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise DataError(f"the checkpoint in {folder} is damaged or does not match this model "
                         f"(--recipe?): {str(err).splitlines()[0]}",
                         "resume with the same --recipe, or drop --resume to start afresh") from None
     return meta["state"]
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _load_optimizers(opts: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor],

@@ -22,6 +22,7 @@ from usnet_wsi.model.spec import recipe_spec
 from usnet_wsi.model.usnet import USNet
 from usnet_wsi.training.batches import Batch, epoch_windows, make_batch, refine_samples
 from usnet_wsi.training.data import Annotated
+from usnet_wsi.training.ema import WeightAverage
 from usnet_wsi.training.validate import validate
 
 
@@ -41,6 +42,7 @@ class TrainConfig:
     lr_scale: float = 1.0
     init: Path | None = None       # start from this bundle's weights (fine-tuning)
     base_width: int | None = None  # U-Net base width (None: the recipe's or the init bundle's)
+    ema: float = 0.0               # decay of the weight average validated and saved (0: off)
 
 
 @dataclass
@@ -50,6 +52,24 @@ class TrainState:
     best_aji: float = -1.0
     elapsed_s: float = 0.0
     history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """What one training run works with."""
+
+    cfg: TrainConfig
+    model: USNet
+    opts: list[torch.optim.Optimizer]
+    ema: WeightAverage | None
+    anchors: torch.Tensor
+    dev: torch.device
+    reporter: Reporter
+
+    @property
+    def kept(self) -> USNet:
+        """The weights that are validated and saved: the average with --ema, else the model."""
+        return self.model if self.ema is None else self.ema.model  # type: ignore[return-value]
 
 
 def make_optimizers(model: USNet, recipe: str, lr_scale: float = 1.0) -> list[torch.optim.Optimizer]:
@@ -132,19 +152,20 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoint")
 
 
-def _init(cfg: TrainConfig, dev: torch.device, reporter: Reporter) -> tuple[
-        USNet, list, TrainState]:
+def _init(cfg: TrainConfig, dev: torch.device, reporter: Reporter) -> tuple[_Run, TrainState]:
     from usnet_wsi.training.checkpoint import checkpoint_spec, load_checkpoint
     torch.manual_seed(cfg.seed)
     spec = checkpoint_spec(checkpoint_dir(cfg.out)) if cfg.resume else None
     model = (USNet(spec) if spec is not None else initial_model(cfg, reporter)).to(dev)
     opts = make_optimizers(model, cfg.recipe, cfg.lr_scale)
+    ema = WeightAverage(model, cfg.ema, warmup=cfg.init is None) if cfg.ema else None
     state = TrainState()
     if cfg.resume:
-        state = TrainState(**load_checkpoint(checkpoint_dir(cfg.out), model, opts))
+        state = TrainState(**load_checkpoint(checkpoint_dir(cfg.out), model, opts,
+                                             None if ema is None else ema.model))
         reporter.info(f"resumed at epoch {state.epoch} (step {state.step}, "
                       f"best AJI {state.best_aji:.4f})")
-    return model, opts, state
+    return _Run(cfg, model, opts, ema, make_anchors(model.spec), dev, reporter), state
 
 
 def initial_model(cfg: TrainConfig, reporter: Reporter) -> USNet:
@@ -172,8 +193,10 @@ def init_thresholds(cfg: TrainConfig) -> Thresholds:
     return load_bundle(cfg.init).thresholds if cfg.init is not None else Thresholds()
 
 
-def _run_epoch(model, opts, data, anchors, cfg, state, rng, dev, t_start, reporter) -> bool:
+def _run_epoch(run: _Run, data: list[Annotated], state: TrainState, rng: np.random.Generator,
+               t_start: float) -> bool:
     """One pass over the shuffled paper windows. Returns False when time ran out."""
+    cfg, model = run.cfg, run.model
     wins = epoch_windows(data, rng)
     n_batches = len(wins) // cfg.batch_size
     if n_batches == 0:
@@ -182,7 +205,7 @@ def _run_epoch(model, opts, data, anchors, cfg, state, rng, dev, t_start, report
                          f"use --batch-size {max(1, len(wins))} or add images")
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     agg: dict[str, float] = {}
-    with reporter.task(f"epoch {state.epoch + 1}/{cfg.epochs}", n_batches) as task:
+    with run.reporter.task(f"epoch {state.epoch + 1}/{cfg.epochs}", n_batches) as task:
         for b in range(n_batches):
             elapsed = state.elapsed_s + time.monotonic() - t_start
             frac = (state.epoch + b / n_batches) / cfg.epochs
@@ -190,10 +213,12 @@ def _run_epoch(model, opts, data, anchors, cfg, state, rng, dev, t_start, report
                 frac = max(frac, elapsed / budget)
                 if elapsed > budget:
                     return False
-            set_lr(opts, frac)
+            set_lr(run.opts, frac)
             batch = make_batch(data, wins[b * cfg.batch_size:(b + 1) * cfg.batch_size],
-                               model.spec, anchors, rng)
-            parts = train_step(model, batch, anchors, opts, cfg, rng, dev)
+                               model.spec, run.anchors, rng)
+            parts = train_step(model, batch, run.anchors, run.opts, cfg, rng, run.dev)
+            if run.ema is not None:
+                run.ema.update(model, state.step)
             state.step += 1
             for k, v in parts.items():
                 agg[k] = agg.get(k, 0.0) + v / n_batches
@@ -208,14 +233,14 @@ def train(cfg: TrainConfig, data: list[Annotated], val: list[Annotated], reporte
     from usnet_wsi.predict import resolve_device
     from usnet_wsi.training.checkpoint import save_checkpoint
     dev = resolve_device(cfg.device)
-    model, opts, state = _init(cfg, dev, reporter)
-    anchors = make_anchors(model.spec)
+    run, state = _init(cfg, dev, reporter)
+    model = run.kept
     rng = np.random.default_rng([cfg.seed, state.step])
     t_start = time.monotonic()
     thr = init_thresholds(cfg)
     tile_px = _inherited(cfg).get("inference_tile_px")   # validate as `segment` will run it
     while state.epoch < cfg.epochs:
-        finished = _run_epoch(model, opts, data, anchors, cfg, state, rng, dev, t_start, reporter)
+        finished = _run_epoch(run, data, state, rng, t_start)
         if finished:
             state.epoch += 1
         last = not finished or state.epoch >= cfg.epochs
@@ -232,7 +257,8 @@ def train(cfg: TrainConfig, data: list[Annotated], val: list[Annotated], reporte
             _save(cfg, model, thr, state, {}, card_info)
         state.elapsed_s += time.monotonic() - t_start
         t_start = time.monotonic()
-        save_checkpoint(checkpoint_dir(cfg.out), model, opts, state)
+        save_checkpoint(checkpoint_dir(cfg.out), run.model, run.opts, state,
+                        None if run.ema is None else run.ema.model)
         if not finished:
             reporter.info(f"time budget of {cfg.max_minutes} min reached at epoch {state.epoch}")
             break
