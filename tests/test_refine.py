@@ -426,3 +426,20 @@ def test_predict_image_with_a_random_model_gives_a_consistent_label_map() -> Non
     assert all(0.0 <= s <= 1.0 for s in scores.values())
     again, _ = predict_image(pred, rgb, batch_size=1, workers=2)
     np.testing.assert_array_equal(again, labels)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_window_ranges_per_mask_match_a_plain_min_and_max(grouped: bool) -> None:
+    from usnet_wsi.painting import _dense_ids, _group_ranges
+    rng = np.random.default_rng(int(grouped))
+    owner = np.repeat(rng.permutation(40) * 3 + 5, rng.integers(1, 30, 40))  # sparse mask ids
+    if not grouped:
+        owner = rng.permutation(owner)
+    row, col = rng.integers(0, 500, len(owner)), rng.integers(0, 900, len(owner))
+    ids = _dense_ids(owner)
+    assert np.array_equal(ids, np.unique(owner, return_inverse=True)[1])
+    (y0, y1), (x0, x1) = _group_ranges(ids, int(ids.max()) + 1, row, col)
+    for k, mask in enumerate(np.unique(owner)):
+        sel = owner == mask
+        assert (y0[k], y1[k], x0[k], x1[k]) == (row[sel].min(), row[sel].max(),
+                                                col[sel].min(), col[sel].max())

@@ -40,7 +40,8 @@ def paint_batch(masks: MaskPixels, n_tiles: int, size: int) -> tuple[np.ndarray,
     sel = masks.usable[masks.owner]
     owner, flat = masks.owner[sel], masks.flat[sel]
     wave = _waves(owner, flat, n)[owner]
-    by_wave = np.argsort(wave, kind="stable")
+    by_wave = np.argsort(wave.astype(np.int16) if n < 2 ** 15 else wave,
+                         kind="stable")                  # small integers: a radix sort
     bounds = np.searchsorted(wave[by_wave], np.arange(int(wave.max(initial=-1)) + 2))
     for a, b in zip(bounds[:-1], bounds[1:]):
         idx = by_wave[a:b]
@@ -73,20 +74,42 @@ def _waves(owner: np.ndarray, flat: np.ndarray, n: int) -> np.ndarray:
     return wave
 
 
+def _dense_ids(values: np.ndarray) -> np.ndarray:
+    """`np.unique(values, return_inverse=True)[1]` for small non-negative integers, in linear
+    time: the rank of each value among the distinct values."""
+    present = np.zeros(int(values.max()) + 1, bool)
+    present[values] = True
+    return (np.cumsum(present) - 1)[values]
+
+
+def _group_ranges(ids: np.ndarray, m: int, *values: np.ndarray
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(min, max) of each of `values` per id 0..m-1 (every id present). Pixels come grouped
+    by mask, so one reduceat over the runs does it; otherwise they are grouped first."""
+    starts = np.flatnonzero(np.diff(ids)) + 1
+    if len(starts) + 1 != m:                      # an id in more than one run
+        order = np.argsort(ids, kind="stable")
+        ids, values = ids[order], tuple(v[order] for v in values)
+        starts = np.flatnonzero(np.diff(ids)) + 1
+    starts = np.concatenate([[0], starts])
+    run_id = ids[starts]
+    out = []
+    for v in values:
+        lo, hi = np.empty(m, v.dtype), np.empty(m, v.dtype)
+        lo[run_id], hi[run_id] = np.minimum.reduceat(v, starts), np.maximum.reduceat(v, starts)
+        out.append((lo, hi))
+    return out
+
+
 def _pack_windows(owner: np.ndarray, row: np.ndarray, col: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Lay the bounding windows of the masks side by side on shelves of one small image (the
     labelling then covers the masks, not the tiles). Returns each pixel's row and column
     there, and the image's shape. A window is a translated copy of its mask, so raster order
     within a mask is kept; masks never join, as their pixels hold different ids."""
-    uniq, inv = np.unique(owner, return_inverse=True)
-    m = len(uniq)
-    y0, x0 = np.full(m, row.max()), np.full(m, col.max())
-    y1, x1 = np.zeros(m, row.dtype), np.zeros(m, col.dtype)
-    np.minimum.at(y0, inv, row)
-    np.minimum.at(x0, inv, col)
-    np.maximum.at(y1, inv, row)
-    np.maximum.at(x1, inv, col)
+    inv = _dense_ids(owner)
+    m = int(inv.max()) + 1
+    (y0, y1), (x0, x1) = _group_ranges(inv, m, row, col)
     h, w = y1 - y0 + 1, x1 - x0 + 1
     order = np.argsort(-h, kind="stable")                   # tallest first: tight shelves
     width = max(int(np.sqrt((h * w).sum())) + 1, 64)
@@ -109,7 +132,7 @@ def _paint_wave(owner: np.ndarray, flat: np.ndarray, need: np.ndarray, canvas: n
     owner, flat = owner[free], flat[free]
     if len(flat) == 0:
         return
-    rows, cols, shape2d = _pack_windows(owner, flat // shape[1], flat % shape[1])
+    rows, cols, shape2d = _pack_windows(owner, *np.divmod(flat, shape[1]))
     ids = np.zeros(shape2d, np.int32)
     ids[rows, cols] = owner + 1
     part = label_parts(ids, background=0, connectivity=1)[rows, cols]
@@ -117,7 +140,7 @@ def _paint_wave(owner: np.ndarray, flat: np.ndarray, need: np.ndarray, canvas: n
     part_owner = np.zeros(len(part_size), np.int64)
     part_owner[part] = owner
     # per mask its largest part; ties go to the part met first in raster order (lowest id)
-    cand = np.unique(part)
+    cand = np.arange(1, len(part_size))          # every part has a pixel here: ids 1..K
     order = np.lexsort((cand, -part_size[cand], part_owner[cand]))
     first = np.ones(len(order), bool)
     first[1:] = part_owner[cand[order]][1:] != part_owner[cand[order]][:-1]
