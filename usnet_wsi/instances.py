@@ -223,13 +223,15 @@ def _paste(logits: torch.Tensor, crops: torch.Tensor, image: torch.Tensor, size:
     owners, flats = [], []
     usable = torch.ones(n, dtype=torch.bool, device=dev)
     for chunk in (order.split(_PASTE_CHUNK) if n else ()):
-        c = crops[chunk]
-        win = paste_masks(logits[chunk], c, int(side[chunk].max()), cut)
+        c, s = crops[chunk], int(side[chunk].max())
+        win = paste_masks(logits[chunk], c, s, cut)
         usable[chunk] = ~_cut_off(win, c, size, thr.max_edge_fraction)
-        k, r, col = torch.nonzero(win, as_tuple=True)
-        idx = chunk[k]
-        owners.append(idx)
-        flats.append((image[idx] * size + c[k, 1].long() + r) * size + c[k, 0].long() + col)
+        k, q = torch.nonzero(win.view(len(chunk), s * s), as_tuple=True)
+        corner = (image[chunk] * size + c[:, 1].long()) * size + c[:, 0].long()
+        step = torch.arange(s, device=dev)
+        offset = (step[:, None] * size + step[None, :]).view(-1)   # window pixel -> tile offset
+        owners.append(chunk[k])
+        flats.append(corner[k] + offset[q])
     owner = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long, device=dev)
     flat = torch.cat(flats) if flats else torch.zeros(0, dtype=torch.long, device=dev)
     return _Masks(owner, flat, torch.bincount(owner, minlength=n), usable)

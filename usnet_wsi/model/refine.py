@@ -68,8 +68,7 @@ def crop_resize(images: torch.Tensor, batch_index: torch.Tensor, crops: torch.Te
     grid[batch_index, slot, :, :, 1] = (2 * ys / h - 1)[:, :, None].expand(-1, -1, out)
     sampled = F.grid_sample(images, grid.view(b, k * out, out, 2), mode="bilinear",
                             padding_mode="border", align_corners=False)  # (B, C, k*out, out)
-    sampled = sampled.view(b, c, k, out, out).permute(0, 2, 1, 3, 4)
-    return sampled[batch_index, slot]
+    return sampled.view(b, c, k, out, out)[batch_index, :, slot]     # (N, C, out, out)
 
 
 def _slot_in_image(batch_index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
