@@ -80,3 +80,20 @@ def test_with_gradients_the_fused_layer_runs_conv_then_relu() -> None:
     out = fused(x)
     out.sum().backward()
     assert x.grad is not None and torch.equal(out, torch.relu(conv(x)))
+
+
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, torch.contiguous_format),
+                                          (torch.bfloat16, CL)])
+@pytest.mark.parametrize("hw", [(48, 48), (556, 278), (139, 140)])
+def test_inference_max_pooling_equals_max_pool2d(dtype, layout, hw) -> None:
+    import torch.nn.functional as F
+    from usnet_wsi.model.unet import max_pool2
+    torch.manual_seed(hw[0])
+    x = torch.randn(2, 5, *hw).to(dtype).contiguous(memory_format=layout)
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 1, 2:6, 2:6] = 0.0                                  # ties
+    want = F.max_pool2d(x, 2, ceil_mode=True)
+    with torch.inference_mode():
+        got = max_pool2(x)
+    assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)) and got.isnan().sum() == 1
+    assert got.is_contiguous(memory_format=layout)

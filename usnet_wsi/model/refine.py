@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from usnet_wsi.model.spec import ModelSpec
+from usnet_wsi.model.unet import max_pool2
 
 
 class RefineNet(nn.Module):
@@ -29,7 +30,7 @@ class RefineNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, 48, 48) crops -> (N, 1, 48, 48) mask logits."""
         a = self.c1(x)
-        b = self.c2(F.max_pool2d(a, 2))
+        b = self.c2(max_pool2(a))
         b = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
         return self.c4(self.c3(torch.cat([a, b], dim=1)))
 
