@@ -30,7 +30,8 @@ class WeightAverage:
             p.requires_grad_(False)
 
     def rate(self, step: int) -> float:
-        """The decay used at optimizer step `step` (counted from 0 in the run)."""
+        """The decay used after optimizer step `step` (counted over the whole training,
+        resumed runs included)."""
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
@@ -40,6 +41,6 @@ class WeightAverage:
         theirs = model.state_dict()
         for k, v in self.model.state_dict().items():
             if v.is_floating_point():
-                v.lerp_(theirs[k].detach(), weight)
+                v.lerp_(theirs[k], weight)
             else:
                 v.copy_(theirs[k])
