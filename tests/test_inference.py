@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from tests.tiny import tiny_model
-from usnet_wsi.model.inference import (ConvReLU, fold_batch_norm, fuse_conv_relu,
-                                       fused_relu_available, inference_copy)
+from usnet_wsi.model.inference import (ConcatConvReLU, ConvReLU, concat_conv, fold_batch_norm,
+                                       fuse_conv_relu, fused_relu_available, inference_copy)
 
 CL = torch.channels_last
 needs_fused = pytest.mark.skipif(not fused_relu_available(),
@@ -53,6 +53,39 @@ def test_only_conv_relu_pairs_are_fused() -> None:
         assert torch.equal(fused(x), net(x))
 
 
+def _close(got: torch.Tensor, want: torch.Tensor, dtype) -> bool:
+    """Equal up to the other summation order and extra rounding of a split concatenation: a few
+    bfloat16 units in the last place, or 1e-5 in float32, relative to the output's scale."""
+    tol = 4 * 2.0 ** -7 if dtype == torch.bfloat16 else 1e-5
+    scale = want.float().abs().max().clamp_min(1.0)
+    return bool(((got.float() - want.float()).abs() <= tol * scale).all())
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("c_a,c_b", [(20, 10), (16, 32), (3, 1)])
+def test_a_split_concatenation_conv_is_the_conv_of_the_concatenation(dtype, c_a: int,
+                                                                     c_b: int) -> None:
+    torch.manual_seed(c_a + c_b)
+    conv = nn.Conv2d(c_a + c_b, 7, 3, padding=1).eval()
+    a = torch.randn(4, c_a, 33, 30).contiguous(memory_format=CL)
+    b = torch.randn(4, c_b, 33, 30).contiguous(memory_format=CL)
+    block = nn.Sequential(ConcatConvReLU(copy.deepcopy(conv), c_a), nn.Conv2d(7, 2, 1).eval())
+    with torch.inference_mode(), _autocast(dtype):
+        want = block[1](torch.relu(conv(torch.cat([a, b], dim=1))))
+        first = block[0].forward_pair(a, b)
+        got = concat_conv(block, a, b)
+        pair = concat_conv(block, a[:2], b[:2])
+    assert first.dtype == (dtype or torch.float32) and (first >= 0).all() and (first > 0).any()
+    assert got.shape == want.shape and _close(got, want, dtype)
+    assert torch.equal(pair, got[:2])                               # batch-size independent
+    with torch.enable_grad():                                       # training: the plain layer
+        plain = concat_conv(block, a, b)
+        assert torch.equal(plain, block(torch.cat([a, b], dim=1)))
+    with pytest.raises(ValueError):
+        ConcatConvReLU(conv, c_a + c_b)
+
+
 @needs_fused
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_the_inference_copy_computes_what_the_folded_model_computes(dtype) -> None:
@@ -61,15 +94,17 @@ def test_the_inference_copy_computes_what_the_folded_model_computes(dtype) -> No
     fast = inference_copy(model, torch.device("cpu"))
     n_fused = sum(isinstance(m, ConvReLU) for m in fast.modules())
     assert n_fused == sum(isinstance(m, nn.ReLU) for m in plain.modules()) > 10
+    n_split = sum(isinstance(m, ConcatConvReLU) for m in fast.modules())
+    assert n_split == model.spec.depth + 1                # every decoder block and the refiner
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in fast.modules())
     x = torch.randn(4, 3, 96, 96).contiguous(memory_format=CL)
     with torch.inference_mode(), _autocast(dtype):
         want, got = plain(x), fast(x)
         pair = fast(x[:2])
         crops = torch.randn(5, 6, 48, 48).contiguous(memory_format=CL)
-        assert torch.equal(fast.refiner(crops), plain.refiner(crops))
+        assert _close(fast.refiner(crops), plain.refiner(crops), dtype)
     for w, g, p in zip(want, got, pair):
-        assert torch.equal(g, w)
+        assert _close(g, w, dtype)
         assert torch.equal(p, g[:2])          # independent of the batch size
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from usnet_wsi.model.inference import concat_conv
 from usnet_wsi.model.spec import ModelSpec
 from usnet_wsi.model.unet import max_pool2
 
@@ -21,18 +22,23 @@ class RefineNet(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         c_in, w = spec.refine_in_channels, spec.refine_width
+        self.width = w
         self.c1 = nn.Sequential(nn.Conv2d(c_in, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(True))
         self.c2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w),
                                 nn.ReLU(True))
         self.c3 = nn.Sequential(nn.Conv2d(3 * w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(True))
         self.c4 = nn.Conv2d(w, 1, 1)
 
+    def concat_blocks(self) -> list[tuple[nn.Sequential, int]]:
+        """c3, fed cat([c1 output, upsampled c2 output]), with the first part's channels."""
+        return [(self.c3, self.width)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, 48, 48) crops -> (N, 1, 48, 48) mask logits."""
         a = self.c1(x)
         b = self.c2(max_pool2(a))
         b = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
-        return self.c4(self.c3(torch.cat([a, b], dim=1)))
+        return self.c4(concat_conv(self.c3, a, b))
 
 
 def context_boxes(boxes: torch.Tensor, context: float, size: int) -> torch.Tensor:
