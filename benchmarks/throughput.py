@@ -248,6 +248,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.one:
+        from usnet_wsi.allocator import keep_freed_memory
+        keep_freed_memory()                      # as the command-line interface does
         print(json.dumps(MODES[args.one[0]](json.loads(args.one[1]))))
         return 0
     slide = make_slide(args)

@@ -143,10 +143,19 @@ def _refine(model: USNet, x: torch.Tensor, out: USNetOutput, image: torch.Tensor
     """48x48 logits (N, 48, 48) of the refiner for every crop, in one call."""
     patches = crop_resize(_refiner_source(model, x, out), image, crops, model.spec.refine_size)
     if x.is_contiguous(memory_format=torch.channels_last):
-        patches = patches.contiguous(memory_format=torch.channels_last)
+        # one copy into the layout, and the dtype, that the refiner's first layer reads
+        patches = patches.to(dtype=_autocast_dtype(x.device, patches.dtype),
+                             memory_format=torch.channels_last)
     if x.device.type != "cpu":
         return model.refiner(patches)[:, 0].float()
     return _refine_on_cpu(model.refiner, patches)
+
+
+def _autocast_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype convolutions compute in here: autocast's when it is on, else `default`."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return default
 
 
 def _refiner_source(model: USNet, x: torch.Tensor, out: USNetOutput) -> torch.Tensor:

@@ -10,6 +10,7 @@ import importlib
 import click
 
 from usnet_wsi import __version__
+from usnet_wsi.allocator import keep_freed_memory
 
 _COMMANDS = {
     "segment": ("usnet_wsi.cli.segment", "segment"),
@@ -37,3 +38,4 @@ class _LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="usnet-wsi")
 def main() -> None:
     """Find and outline every cell nucleus in H&E whole-slide images (US-Net)."""
+    keep_freed_memory()

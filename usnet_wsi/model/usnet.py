@@ -36,9 +36,10 @@ class USNet(nn.Module):
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
     def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 3, H, W) normalised float."""
-        x = images_uint8.permute(0, 3, 1, 2).float() / 255.0
-        return (x - self.mean) / self.std
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) normalised float (channels-last strides).
+        One new tensor, normalised in place."""
+        x = images_uint8.permute(0, 3, 1, 2).to(torch.float32, copy=True)
+        return x.div_(255.0).sub_(self.mean).div_(self.std)
 
     def forward(self, x: torch.Tensor) -> USNetOutput:
         seg, feats = self.unet(x)
