@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import shapely
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -11,8 +12,8 @@ from shapely import affinity
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 from skimage.measure import label, points_in_poly
 
-from usnet_wsi.geometry import (fill_polygon, largest_polygon, mask_to_polygon, pixel_span,
-                                polygon_to_mask, transform_polygon)
+from usnet_wsi.geometry import (fill_polygon, fill_polygons, largest_polygon, mask_to_polygon,
+                                pixel_span, polygon_to_mask, transform_polygon)
 
 
 def _ellipse_mask(shape, cx, cy, ax, ay, angle=0.0):
@@ -128,6 +129,83 @@ def test_fill_polygon_with_stride_samples_level_0(stride):
                                                                        : window.shape[1]]
     np.testing.assert_array_equal(window, sampled)
     assert len(np.unique(window)) > 6
+
+
+def _contains_reference(shape, polys, values, origin, stride=1):
+    """The definition: each polygon in turn writes its value where shapely.contains_xy puts
+    the sample point (origin + index * stride + 0.5) strictly inside."""
+    out = np.zeros(shape, np.int64)
+    xs = np.arange(shape[1]) * stride + origin[0] + 0.5
+    ys = np.arange(shape[0]) * stride + origin[1] + 0.5
+    for poly, value in zip(polys, values):
+        if poly is not None:
+            out[shapely.contains_xy(poly, xs[None, :], ys[:, None])] = value
+    return out
+
+
+def _degenerate_polygons(rng):
+    """Outlines through sample points: vertices on pixel centres, horizontal and vertical edges
+    along sample rows and columns, diagonals through centres, points 1e-12 off a centre, a
+    spike, a hole, and a multipolygon."""
+    return [
+        box(10.5, 10.5, 20.5, 14.5),                                   # edges on sample lines
+        Polygon([(30.5, 5.5), (40.5, 15.5), (30.5, 25.5), (20.5, 15.5)]),   # diamond on centres
+        Polygon([(45, 2.5 + 1e-12), (60.5, 2.5), (60.5 - 1e-12, 12), (45, 12)]),
+        Polygon([(5.5, 30.5), (25.5, 31.5), (6.5, 32.5), (15.5, 45.5)]),    # concave, on centres
+        Polygon([(50, 30), (50.5, 45.5), (51, 30)]),                   # thin spike
+        box(60, 30, 80, 50).difference(box(65.5, 35.5, 70.5, 40.5)),   # hole on sample lines
+        MultiPolygon([box(2.5, 50.5, 6.5, 54.5), box(8.25, 50.1, 12.5, 58.5)]),
+        Polygon(rng.uniform(0, 90, (12, 2)).round(0) + 0.5).buffer(0),  # random, on centres
+    ]
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_fill_polygons_is_exactly_contains_xy_in_turn(stride):
+    rng = np.random.default_rng(11 + stride)
+    ellipses = [_holed_ellipse(*rng.uniform(-10, 100, 2), *rng.uniform(3, 25, 2),
+                               rng.uniform(0, 180)) for _ in range(60)]
+    # later polygons overlap earlier ones: the later value must win
+    polys = _degenerate_polygons(rng) + ellipses + [None, Polygon()]
+    values = list(rng.permutation(len(polys)) + 1)
+    for origin in [(0.0, 0.0), (-3.0, 2.5), (1.25, -0.75)]:
+        shape = (96 // stride, 90 // stride)
+        want = _contains_reference(shape, polys, values, origin, stride)
+        got = np.zeros(shape, np.int64)
+        n = fill_polygons(got, polys, values, origin, stride)
+        np.testing.assert_array_equal(got, want)
+        one_by_one = np.zeros(shape, np.int64)
+        counts = [fill_polygon(one_by_one, p, v, origin, stride) for p, v in zip(polys, values)]
+        np.testing.assert_array_equal(one_by_one, want)
+        assert n == sum(counts)
+        assert len(np.unique(want)) > 20
+
+
+def test_fill_polygons_on_traced_outlines_gives_back_the_masks():
+    rng = np.random.default_rng(5)
+    masks = [_ellipse_mask((40, 40), *rng.uniform(10, 30, 2), *rng.uniform(3, 12, 2),
+                           rng.uniform(0, 3)) for _ in range(8)]
+    polys = [mask_to_polygon(m, simplify_px=0) for m in masks]
+    for m, p in zip(masks, polys):
+        out = np.zeros((40, 40), np.int64)
+        fill_polygons(out, [p], [1])
+        np.testing.assert_array_equal(out.astype(bool), label(m) == np.bincount(
+            label(m).ravel())[1:].argmax() + 1)
+    out = np.zeros((40, 40), np.int64)
+    fill_polygons(out, polys, list(range(1, 9)))
+    np.testing.assert_array_equal(out, _contains_reference((40, 40), polys, range(1, 9), (0, 0)))
+
+
+def test_fill_polygons_writes_into_a_strided_window_and_checks_its_input():
+    base = np.zeros((20, 30), np.uint16)
+    window = base[5:15, ::2]                               # not C-contiguous
+    polys = [box(1, 1, 9, 6), box(4, 3, 12, 9)]
+    fill_polygons(window, polys, [3, 4])
+    np.testing.assert_array_equal(window, _contains_reference((10, 15), polys, [3, 4], (0, 0)))
+    assert base[:5].sum() == 0 and base[5:15, 1::2].sum() == 0
+    with pytest.raises(ValueError, match="values"):
+        fill_polygons(window, polys, [1])
+    with pytest.raises(ValueError, match="stride"):
+        fill_polygons(window, polys, [1, 2], stride=0)
 
 
 def test_fill_polygon_rejects_a_bad_stride():

@@ -193,16 +193,13 @@ def predict_image(predictor: Predictor, rgb: np.ndarray, batch_size: int = 8,
     the way the OME-Zarr label image is). Returns (uint32 labels, {label: score})."""
     from usnet_wsi.engine import EngineSettings, segment_nuclei
     from usnet_wsi.tiling import plan_tiles
-    from usnet_wsi.geometry import fill_polygon
+    from usnet_wsi.geometry import fill_polygons
     h, w = rgb.shape[:2]
     plan = plan_tiles((0, 0, w, h), predictor.mpp, predictor.mpp, predictor.tile_px,
                       predictor.halo_px)
     settings = EngineSettings(batch_size=batch_size, workers=workers,
                               prefetch_tiles=2 * batch_size)
+    nuclei = list(segment_nuclei(ImageReader(rgb), plan, predictor, settings))
     labels = np.zeros((h, w), np.uint32)
-    scores: dict[int, float] = {}
-    for nucleus in segment_nuclei(ImageReader(rgb), plan, predictor, settings):
-        label = len(scores) + 1
-        fill_polygon(labels, nucleus.polygon_l0, label)
-        scores[label] = nucleus.score
-    return labels, scores
+    fill_polygons(labels, [n.polygon_l0 for n in nuclei], range(1, len(nuclei) + 1))
+    return labels, {k: n.score for k, n in enumerate(nuclei, start=1)}

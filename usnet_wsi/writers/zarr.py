@@ -21,7 +21,7 @@ level halves it (nearest neighbour: every other pixel) until both sides are belo
 `min_level_px`. Scales are mpp * 2**k micrometre per pixel.
 
 Pixel (row r, column c) gets a nucleus' label when its centre (c + 0.5, r + 0.5) lies strictly
-inside the polygon (`usnet_wsi.geometry.fill_polygon`, the rasteriser shared with
+inside the polygon (`usnet_wsi.geometry.fill_polygons`, the rasteriser shared with
 `polygon_to_mask`); polygons added later overwrite earlier ones where they overlap.
 
 Streaming: nuclei arrive roughly in row-major order through `add`. The caller promises with
@@ -53,11 +53,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import shapely
 import zarr
 from zarr.codecs import BloscCodec
 
-from usnet_wsi.geometry import fill_polygon, pixel_span
+from usnet_wsi.geometry import fill_polygons, pixel_span
 from usnet_wsi.writers.atomic import AbortOnError, AtomicTarget, call_or_abort
 
 NGFF_VERSION = "0.5"
@@ -281,7 +280,6 @@ class LabelZarrWriter(AbortOnError):
                 f"{self.rows_done} were already declared complete and written"
             )
         if row_start < row_end and col_start < col_end:
-            shapely.prepare(polygon_l0)
             self._pending.append(_Pending(int(label), polygon_l0, row_start, row_end,
                                           col_start, col_end))
         self._guard(self._table.append, int(label), polygon_l0, float(score))
@@ -324,8 +322,8 @@ class LabelZarrWriter(AbortOnError):
 
     def _write_chunk(self, items: list[_Pending], y0: int, y1: int, x0: int) -> None:
         raster = np.zeros((y1 - y0, min(self._chunk, self.width_l0 - x0)), dtype=np.uint32)
-        for item in items:
-            fill_polygon(raster, item.polygon, item.label, origin_xy=(x0, y0))
+        fill_polygons(raster, [it.polygon for it in items], [it.label for it in items],
+                      origin_xy=(x0, y0))
         if raster.any():  # else zarr's fill value 0 already says so
             self._level0[y0:y1, x0 : x0 + raster.shape[1]] = raster
             for sink in self._sinks:
