@@ -361,10 +361,10 @@ def _describe(p: Path, source: Any, user_mpp: float | None,
 
 def _composite_on_white(rgba: Image.Image) -> np.ndarray:
     """uint8 (h, w, 3): RGBA (OpenSlide, not premultiplied) over a white background."""
+    if rgba.getextrema()[3][0] == 255:               # opaque: drop the alpha band
+        return np.asarray(rgba.convert("RGB"))
     a = np.asarray(rgba)
     alpha = a[..., 3:4].astype(np.uint16)
-    if alpha.min() == 255:
-        return np.ascontiguousarray(a[..., :3])
     rgb = a[..., :3].astype(np.uint16)
     out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
     return out.astype(np.uint8)
