@@ -278,6 +278,8 @@ def aligned(rows: list[tuple[str, str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.child:
+        from usnet_wsi.allocator import keep_freed_memory
+        keep_freed_memory()                      # as the command-line interface does
         print(json.dumps(child(json.loads(args.child))))
         return 0
     slide, write_s = ensure_slide(args)
