@@ -3,7 +3,7 @@
 Inference allocates and frees the same large buffers for every batch (tiles, activations,
 crops). With glibc's defaults a freed block above a few MB goes back to the kernel at once, and
 its reuse costs one page fault per 4 KB page, zeroed by the kernel: on a 2-core machine about a
-seventh of `segment`'s wall time was spent in the kernel doing so. Here glibc's malloc is told to
+seventh of `segment`'s CPU time was spent in the kernel doing so. Here glibc's malloc is told to
 serve blocks up to 32 MB (its largest setting) from its heap, to keep 256 MB of slack when the
 heap grows and to give memory back only when 1 GB lies free at its top, with at most two
 arenas. Freed memory then stays with the process, so peak RSS is about a tenth higher.
