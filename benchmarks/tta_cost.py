@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeat", type=int, default=2, help="copies of the images in the mosaic")
     args = p.parse_args(argv)
+    from usnet_wsi.allocator import keep_freed_memory
     from usnet_wsi.predict import load_predictor
+
+    keep_freed_memory()                          # as the command-line interface does
 
     slide = throughput.make_slide(argparse.Namespace(repeat=args.repeat, weights=None))
     preds = {m: load_predictor(None, args.device, tta=m) for m in MODES}
