@@ -137,9 +137,7 @@ def fill_polygon(out: np.ndarray, poly: shapely.Geometry | None, value: Any = Tr
     """
     if poly is None or poly.is_empty:
         return 0
-    if int(stride) < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    grid = _Grid(out.shape, float(origin_xy[0]), float(origin_xy[1]), int(stride))
+    grid = _Grid.of(out, origin_xy, stride)
     r_lo, c_lo, inside = _inside_window(grid, poly)
     out[r_lo:r_lo + inside.shape[0], c_lo:c_lo + inside.shape[1]][inside] = value
     return int(np.count_nonzero(inside))
@@ -154,12 +152,10 @@ def fill_polygons(out: np.ndarray, polys: Sequence[shapely.Geometry | None],
     arithmetic could place a point on the outline inside) is decided by
     `shapely.contains_xy` instead, so the pixels are exactly those whose sample point is
     strictly inside. Returns the pixels written (counted once per polygon)."""
-    if int(stride) < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
+    grid = _Grid.of(out, origin_xy, stride)
     polys = np.asarray([p if p is not None else shapely.Polygon() for p in polys], dtype=object)
     if len(polys) != len(values):
         raise ValueError(f"{len(polys)} polygons but {len(values)} values")
-    grid = _Grid(out.shape, float(origin_xy[0]), float(origin_xy[1]), int(stride))
     parts, owner = shapely.get_parts(polys, return_index=True)
     rings, ring_part = shapely.get_rings(parts, return_index=True)
     xy, ring = shapely.get_coordinates(rings, return_index=True)
@@ -186,6 +182,12 @@ class _Grid:
     ox: float
     oy: float
     stride: int
+
+    @classmethod
+    def of(cls, out: np.ndarray, origin_xy: tuple[float, float], stride: int) -> "_Grid":
+        if int(stride) < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        return cls(out.shape, float(origin_xy[0]), float(origin_xy[1]), int(stride))
 
     def col(self, x: np.ndarray) -> np.ndarray:
         """Fractional column index of frame x (exact for power-of-two strides)."""

@@ -30,6 +30,7 @@ import torch
 
 from usnet_wsi.decode import Detections, detect
 from usnet_wsi.model.bundle import Thresholds
+from usnet_wsi.model.inference import compute_dtype
 from usnet_wsi.model.refine import context_boxes, crop_resize, paste_masks
 from usnet_wsi.model.usnet import USNet, USNetOutput
 from usnet_wsi.painting import MaskPixels, paint_batch
@@ -144,18 +145,10 @@ def _refine(model: USNet, x: torch.Tensor, out: USNetOutput, image: torch.Tensor
     patches = crop_resize(_refiner_source(model, x, out), image, crops, model.spec.refine_size)
     if x.is_contiguous(memory_format=torch.channels_last):
         # one copy into the layout, and the dtype, that the refiner's first layer reads
-        patches = patches.to(dtype=_autocast_dtype(x.device, patches.dtype),
-                             memory_format=torch.channels_last)
+        patches = patches.to(dtype=compute_dtype(patches), memory_format=torch.channels_last)
     if x.device.type != "cpu":
         return model.refiner(patches)[:, 0].float()
     return _refine_on_cpu(model.refiner, patches)
-
-
-def _autocast_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
-    """The dtype convolutions compute in here: autocast's when it is on, else `default`."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return default
 
 
 def _refiner_source(model: USNet, x: torch.Tensor, out: USNetOutput) -> torch.Tensor:

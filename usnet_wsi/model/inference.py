@@ -54,6 +54,13 @@ def fused_relu_available() -> bool:
                                                             "_convolution_pointwise")
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of x computes in: autocast's on x's device when autocast is on
+    there, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 class ConvReLU(nn.Module):
     """ReLU(conv(x)) in one oneDNN call on the CPU, in the autocast dtype when autocast is on
     (bfloat16) or the input's (float32); any other device or dtype runs conv, then ReLU."""
@@ -76,8 +83,7 @@ class ConvReLU(nn.Module):
 
     def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype of the fused oneDNN path for input x, or None where it does not apply."""
-        dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
-                 else x.dtype)
+        dtype = compute_dtype(x)
         if x.device.type != "cpu" or dtype not in self._FUSED_DTYPES or torch.is_grad_enabled():
             return None
         return dtype
