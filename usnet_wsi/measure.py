@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import shapely
-from scipy.spatial.distance import pdist
 from shapely.geometry import Polygon
 from skimage.color import rgb2hed
 
@@ -109,14 +108,37 @@ def _check_mpp(mpp_x: float, mpp_y: float) -> None:
 
 
 def _max_calipers(hulls: np.ndarray) -> np.ndarray:
+    """Largest distance between the vertices of each hull: all pairs of a group of hulls at
+    once, groups of similar vertex counts bounded to about `_PAIR_BUDGET` pairs."""
     xy, index = shapely.get_coordinates(hulls, return_index=True)
+    counts = np.bincount(index, minlength=len(hulls))
+    starts = np.concatenate(([0], np.cumsum(counts)))
     out = np.zeros(len(hulls))
-    starts = np.searchsorted(index, np.arange(len(hulls) + 1))
-    for i in range(len(hulls)):
-        pts = xy[starts[i]:starts[i + 1]]
-        if len(pts) >= 2:
-            out[i] = float(pdist(pts).max())
+    order = np.argsort(counts, kind="stable")
+    lo = int(np.searchsorted(counts[order], 2))           # fewer than 2 vertices: 0
+    while lo < len(order):
+        hi = lo + 1
+        while hi < len(order) and (hi - lo + 1) * int(counts[order[hi]]) ** 2 <= _PAIR_BUDGET:
+            hi += 1
+        out[order[lo:hi]] = _group_max_distance(xy, starts, counts, order[lo:hi])
+        lo = hi
     return out
+
+
+_PAIR_BUDGET = 1 << 20
+
+
+def _group_max_distance(xy: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                        group: np.ndarray) -> np.ndarray:
+    """Max vertex distance of the hulls `group`, padded by repeating each hull's first vertex
+    (a repeated vertex adds no new distance). sqrt of the largest squared distance, which is
+    the largest of the square roots."""
+    k = np.arange(int(counts[group].max()))
+    take = starts[group, None] + np.where(k < counts[group, None], k, 0)
+    pts = xy[take]                                         # (g, m, 2)
+    dx = pts[:, :, None, 0] - pts[:, None, :, 0]
+    dy = pts[:, :, None, 1] - pts[:, None, :, 1]
+    return np.sqrt((dx * dx + dy * dy).max(axis=(1, 2)))
 
 
 def eccentricities(polys: np.ndarray) -> np.ndarray:
