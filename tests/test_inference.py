@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from tests.tiny import tiny_model
-from usnet_wsi.model.inference import (ConcatConvReLU, ConvReLU, concat_conv, fold_batch_norm,
-                                       fuse_conv_relu, fused_relu_available, inference_copy)
+from usnet_wsi.model import inference
+from usnet_wsi.model.inference import (ConcatConvReLU, ConvReLU, UpConcatConvReLU,
+                                       fold_batch_norm, fuse_conv_relu, fused_relu_available,
+                                       inference_copy, phase_weights, up_concat_conv, upsample2)
 
 CL = torch.channels_last
 needs_fused = pytest.mark.skipif(not fused_relu_available(),
@@ -70,20 +72,62 @@ def test_a_split_concatenation_conv_is_the_conv_of_the_concatenation(dtype, c_a:
     conv = nn.Conv2d(c_a + c_b, 7, 3, padding=1).eval()
     a = torch.randn(4, c_a, 33, 30).contiguous(memory_format=CL)
     b = torch.randn(4, c_b, 33, 30).contiguous(memory_format=CL)
-    block = nn.Sequential(ConcatConvReLU(copy.deepcopy(conv), c_a), nn.Conv2d(7, 2, 1).eval())
+    layer = ConcatConvReLU(copy.deepcopy(conv), c_a)
     with torch.inference_mode(), _autocast(dtype):
-        want = block[1](torch.relu(conv(torch.cat([a, b], dim=1))))
-        first = block[0].forward_pair(a, b)
-        got = concat_conv(block, a, b)
-        pair = concat_conv(block, a[:2], b[:2])
-    assert first.dtype == (dtype or torch.float32) and (first >= 0).all() and (first > 0).any()
+        want = torch.relu(conv(torch.cat([a, b], dim=1)))
+        got = layer.forward_pair(a, b)
+        pair = layer.forward_pair(a[:2], b[:2])
+    assert got.dtype == (dtype or torch.float32) and (got >= 0).all() and (got > 0).any()
     assert got.shape == want.shape and _close(got, want, dtype)
     assert torch.equal(pair, got[:2])                               # batch-size independent
     with torch.enable_grad():                                       # training: the plain layer
-        plain = concat_conv(block, a, b)
-        assert torch.equal(plain, block(torch.cat([a, b], dim=1)))
+        assert torch.equal(layer.forward_pair(a, b), torch.relu(conv(torch.cat([a, b], dim=1))))
     with pytest.raises(ValueError):
         ConcatConvReLU(conv, c_a + c_b)
+
+
+def test_phase_weights_are_the_convolution_after_2x_upsampling_in_float64() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    small = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(upsample2(small, (18, 22)), weight, padding=1)
+    four = torch.nn.functional.conv2d(small, phase_weights(weight), padding=1)
+    got = four.view(2, 2, 2, 5, 9, 11).permute(0, 3, 4, 1, 5, 2).reshape(2, 5, 18, 22)
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    assert torch.allclose(got[inner], want[inner], rtol=0, atol=1e-12)   # the borders differ
+    assert not torch.allclose(got, want, rtol=0, atol=1e-6)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("up_first", [True, False])
+@pytest.mark.parametrize("hw", [(9, 8), (2, 2), (24, 24), (1, 3)])
+def test_the_upsampled_concatenation_conv_is_the_conv_of_the_concatenation(
+        dtype, up_first: bool, hw: tuple[int, int], monkeypatch) -> None:
+    monkeypatch.setattr(inference, "PHASE_MIN_PX", 4)     # the phase path on small maps too
+    phased, interleave = [], inference._interleave
+    monkeypatch.setattr(inference, "_interleave", lambda four: phased.append(1) or interleave(four))
+    torch.manual_seed(hw[0] + 7 * up_first)
+    c_up, c_skip = 6, 4
+    split = c_up if up_first else c_skip
+    conv = nn.Conv2d(c_up + c_skip, 5, 3, padding=1).eval()
+    small = torch.randn(3, c_up, *hw).contiguous(memory_format=CL)
+    skip = torch.randn(3, c_skip, 2 * hw[0], 2 * hw[1]).contiguous(memory_format=CL)
+    block = nn.Sequential(UpConcatConvReLU(copy.deepcopy(conv), split, up_first),
+                          nn.Conv2d(5, 2, 1).eval())
+    with torch.inference_mode(), _autocast(dtype):
+        up = upsample2(small, skip.shape[-2:])
+        want = block[1](torch.relu(conv(torch.cat([up, skip] if up_first else [skip, up], 1))))
+        got = up_concat_conv(block, small, skip, up_first)
+        pair = up_concat_conv(block, small[:2], skip[:2], up_first)
+    assert got.dtype == (dtype or torch.float32) and got.shape == want.shape
+    assert _close(got, want, dtype)                                   # borders included
+    assert got.is_contiguous(memory_format=CL)
+    assert torch.equal(pair, got[:2])                                 # batch-size independent
+    assert bool(phased) == (min(hw) >= 2)                   # the phase path where it applies
+    with torch.enable_grad():                                         # training: the plain block
+        plain = up_concat_conv(block, small, skip, up_first)
+        assert torch.equal(plain, block(torch.cat([up, skip] if up_first else [skip, up], 1)))
 
 
 @needs_fused
@@ -94,7 +138,7 @@ def test_the_inference_copy_computes_what_the_folded_model_computes(dtype) -> No
     fast = inference_copy(model, torch.device("cpu"))
     n_fused = sum(isinstance(m, ConvReLU) for m in fast.modules())
     assert n_fused == sum(isinstance(m, nn.ReLU) for m in plain.modules()) > 10
-    n_split = sum(isinstance(m, ConcatConvReLU) for m in fast.modules())
+    n_split = sum(isinstance(m, UpConcatConvReLU) for m in fast.modules())
     assert n_split == model.spec.depth + 1                # every decoder block and the refiner
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in fast.modules())
     x = torch.randn(4, 3, 96, 96).contiguous(memory_format=CL)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from usnet_wsi.model.inference import concat_conv
+from usnet_wsi.model.inference import up_concat_conv
 from usnet_wsi.model.spec import ModelSpec
 from usnet_wsi.model.unet import max_pool2
 
@@ -29,16 +29,16 @@ class RefineNet(nn.Module):
         self.c3 = nn.Sequential(nn.Conv2d(3 * w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(True))
         self.c4 = nn.Conv2d(w, 1, 1)
 
-    def concat_blocks(self) -> list[tuple[nn.Sequential, int]]:
-        """c3, fed cat([c1 output, upsampled c2 output]), with the first part's channels."""
-        return [(self.c3, self.width)]
+    def concat_blocks(self) -> list[tuple[nn.Sequential, int, bool]]:
+        """c3, fed cat([c1 output, up-sampled c2 output]): the block, the first part's
+        channels, and that the up-sampled map comes second."""
+        return [(self.c3, self.width, False)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, 48, 48) crops -> (N, 1, 48, 48) mask logits."""
         a = self.c1(x)
         b = self.c2(max_pool2(a))
-        b = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
-        return self.c4(concat_conv(self.c3, a, b))
+        return self.c4(up_concat_conv(self.c3, b, a, up_first=False))
 
 
 def context_boxes(boxes: torch.Tensor, context: float, size: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from usnet_wsi.model.inference import concat_conv
+from usnet_wsi.model.inference import up_concat_conv
 from usnet_wsi.model.spec import ModelSpec
 
 
@@ -47,9 +47,10 @@ class UNet(nn.Module):
         self.dec = nn.ModuleList([conv_block(w(i + 1) + w(i), w(i), n) for i in range(spec.depth)])
         self.seg_head = nn.Conv2d(w(0), spec.seg_classes, 1)
 
-    def concat_blocks(self) -> list[tuple[nn.Sequential, int]]:
-        """The decoder blocks, each fed cat([upsampled map, skip]), with the first's channels."""
-        return [(block, self.spec.width(i + 1)) for i, block in enumerate(self.dec)]
+    def concat_blocks(self) -> list[tuple[nn.Sequential, int, bool]]:
+        """The decoder blocks, each fed cat([up-sampled map, skip]): the block, the up-sampled
+        map's channels, and that it comes first."""
+        return [(block, self.spec.width(i + 1), True) for i, block in enumerate(self.dec)]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
@@ -62,8 +63,6 @@ class UNet(nn.Module):
         decoded: list[torch.Tensor] = [x] * (self.spec.depth + 1)
         decoded[self.spec.depth] = x
         for i in reversed(range(self.spec.depth)):
-            skip = skips[i]
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = concat_conv(self.dec[i], x, skip)
+            x = up_concat_conv(self.dec[i], x, skips[i])
             decoded[i] = x
         return self.seg_head(x), decoded
