@@ -6,9 +6,9 @@ at the images' own resolution (0.2527 um/px), so it is read, resampled and tiled
 
 Each measurement runs in its own subprocess (clean memory and thread state):
 
-- forward: the predictor's network forward pass alone (same model, layout and precision as
-  `segment` uses) on the slide's planned tissue tiles, read beforehand; tiles/s; run before and
-  after the end-to-end run, the faster counts;
+- forward: the predictor's network forward pass alone (same model, layout, precision and
+  parts of a batch as `segment` uses) on the slide's planned tissue tiles, read beforehand;
+  tiles/s; run before and after the end-to-end run, the faster counts;
 - e2e: `segment_slide` on the slide, with wall time, seconds per stage, tiles/s, tissue MP/s
   (level-0 megapixels of the tile cores) and peak RSS of the main process plus its workers;
 - replay (`--workers` 1 and 2): the same run with a predictor that returns outputs recorded
@@ -103,7 +103,7 @@ def _plan(slide_path: Path, predictor):
 
 def measure_forward(opts: dict) -> dict:
     import torch
-    from usnet_wsi.predict import load_predictor
+    from usnet_wsi.predict import batch_parts, load_predictor
     pred = load_predictor(opts["weights"], opts["device"], opts["tile_px"])
     slide, plan = _plan(Path(opts["slide"]), pred)
     size = (plan.tile_px, plan.tile_px)
@@ -112,9 +112,11 @@ def measure_forward(opts: dict) -> dict:
     with torch.inference_mode():
         def run() -> None:
             for i in range(0, len(tiles), bs):
-                x = model.normalise(torch.from_numpy(tiles[i:i + bs]).to(dev))
-                with torch.autocast(dev.type, enabled=pred.amp):
-                    model(x.contiguous(memory_format=torch.channels_last))
+                batch = tiles[i:i + bs]
+                for part in batch_parts(len(batch), plan.tile_px, dev.type):   # as predict
+                    x = model.normalise(torch.from_numpy(batch[part]).to(dev))
+                    with torch.autocast(dev.type, enabled=pred.amp):
+                        model(x.contiguous(memory_format=torch.channels_last))
             if dev.type == "cuda":
                 torch.cuda.synchronize()
         run_batches = tiles[:2 * bs]

@@ -339,6 +339,37 @@ def test_results_do_not_depend_on_the_batch_size() -> None:
             np.testing.assert_array_equal(p.scores, whole.scores[i:i + size, :n])
 
 
+def test_a_cpu_batch_runs_in_parts_with_the_same_results(monkeypatch) -> None:
+    import usnet_wsi.predict as predict_module
+    model = tiny_model(seed=3, input_size=128, halo_px=16)
+    pred = ModelPredictor(model, Thresholds(score=0.0, top_k=40, max_edge_fraction=1.0),
+                          torch.device("cpu"))
+    tiles = random_tiles(5, 128, seed=6)
+    whole = pred.predict(tiles)
+    monkeypatch.setattr(predict_module, "CPU_PART_PX", 2 * 128 * 128)
+    assert [(p.start, p.stop) for p in predict_module.batch_parts(5, 128, "cpu")] == [(0, 3),
+                                                                                     (3, 5)]
+    split = pred.predict(tiles)
+    np.testing.assert_array_equal(split.labels, whole.labels)
+    np.testing.assert_array_equal(split.counts, whole.counts)
+    np.testing.assert_array_equal(split.detected, whole.detected)
+    np.testing.assert_array_equal(split.scores, whole.scores[:, :split.scores.shape[1]])
+    assert np.isnan(whole.scores[:, split.scores.shape[1]:]).all()
+
+
+@pytest.mark.parametrize("n", range(1, 20))
+def test_batch_parts_cover_the_batch_without_lone_tiles(n: int) -> None:
+    from usnet_wsi.predict import batch_parts
+    for tile_px, device in ((556, "cpu"), (300, "cpu"), (1024, "cpu"), (556, "cuda")):
+        parts = batch_parts(n, tile_px, device)
+        assert parts[0].start == 0 and parts[-1].stop == n
+        assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+        sizes = [p.stop - p.start for p in parts]
+        assert max(sizes) - min(sizes) <= 1 and (n == 1 or min(sizes) >= 2)
+        per = n if device == "cuda" else max(2, 4 * 556 * 556 // tile_px ** 2)
+        assert max(sizes) <= per + 1          # one more where a lone tile was avoided
+
+
 def test_cut_off_masks_are_flagged() -> None:
     win = torch.zeros((4, 20, 20), dtype=torch.bool)
     win[0, 5:15, 5:15] = True                      # well inside its crop

@@ -82,6 +82,16 @@ class InstanceBatch:
                    np.array([t.detected for t in tiles], np.int64))
 
     @classmethod
+    def concat(cls, parts: Sequence["InstanceBatch"]) -> "InstanceBatch":
+        """The batches one after the other (score tables padded with NaN to the widest)."""
+        k = max(p.scores.shape[1] for p in parts)
+        scores = [np.pad(p.scores, ((0, 0), (0, k - p.scores.shape[1])),
+                         constant_values=np.nan) for p in parts]
+        return cls(np.concatenate([p.labels for p in parts]), np.concatenate(scores),
+                   np.concatenate([p.counts for p in parts]),
+                   np.concatenate([p.detected for p in parts]))
+
+    @classmethod
     def empty(cls, size: int) -> "InstanceBatch":
         return cls(np.zeros((0, size, size), np.int32), np.zeros((0, 1), np.float32),
                    np.zeros(0, np.int64), np.zeros(0, np.int64))

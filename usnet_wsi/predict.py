@@ -8,6 +8,7 @@ instance step, ownership and merge as slides (training validation and threshold 
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -25,7 +26,25 @@ from usnet_wsi.model.usnet import USNet
 from usnet_wsi.tta import FlipTTA
 
 __all__ = ["InstanceBatch", "Predictor", "BundlePredictor", "ModelPredictor", "load_predictor",
-           "resolve_device", "predict_image", "ImageReader"]
+           "resolve_device", "predict_image", "ImageReader", "batch_parts"]
+
+# On a CPU a batch goes through the network and the instance step in parts of at most about
+# this many pixels. The largest tensors of a part (the full-resolution activations, the
+# refiner's float32 source) then stay below glibc's mmap threshold (32 MB): their memory is
+# reused from the heap, not mapped and page-faulted afresh for every batch.
+CPU_PART_PX = 4 * 556 * 556
+
+
+def batch_parts(n: int, tile_px: int, device_type: str) -> list[slice]:
+    """The parts of a batch of n tiles that run together (see CPU_PART_PX): nearly equal, and
+    none of a single tile where n > 1 (a lone tile costs a batch of two)."""
+    per = n if device_type != "cpu" else max(2, CPU_PART_PX // (tile_px * tile_px))
+    k = max(1, math.ceil(n / per))
+    if k > 1 and n // k < 2:
+        k -= 1
+    sizes = [n // k + (i < n % k) for i in range(k)]
+    starts = np.cumsum([0] + sizes)
+    return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
 
 
 class Predictor(Protocol):
@@ -124,9 +143,16 @@ class ModelPredictor:
     @torch.inference_mode()
     def predict(self, tiles: np.ndarray, meta: Sequence[Any] | None = None,
                 regions: np.ndarray | None = None) -> InstanceBatch:
-        n = len(tiles)
-        if n == 0:
+        if len(tiles) == 0:
             return InstanceBatch.empty(self.tile_px)
+        parts = batch_parts(len(tiles), self.tile_px, self.torch_device.type)
+        if len(parts) == 1:
+            return self._predict(tiles, regions)
+        return InstanceBatch.concat([self._predict(tiles[p], None if regions is None
+                                                   else regions[p]) for p in parts])
+
+    def _predict(self, tiles: np.ndarray, regions: np.ndarray | None) -> InstanceBatch:
+        n = len(tiles)
         if n == 1:
             tiles = np.concatenate([tiles, tiles])
             regions = None if regions is None else np.concatenate([regions, regions])

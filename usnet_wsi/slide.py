@@ -361,7 +361,7 @@ def _describe(p: Path, source: Any, user_mpp: float | None,
 
 def _composite_on_white(rgba: Image.Image) -> np.ndarray:
     """uint8 (h, w, 3): RGBA (OpenSlide, not premultiplied) over a white background."""
-    if rgba.getextrema()[3][0] == 255:               # opaque: drop the alpha band
+    if rgba.getchannel("A").getextrema()[0] == 255:  # opaque: drop the alpha band
         return np.asarray(rgba.convert("RGB"))
     a = np.asarray(rgba)
     alpha = a[..., 3:4].astype(np.uint16)
