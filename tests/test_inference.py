@@ -132,7 +132,10 @@ def test_the_upsampled_concatenation_conv_is_the_conv_of_the_concatenation(
 
 @needs_fused
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_the_inference_copy_computes_what_the_folded_model_computes(dtype) -> None:
+@pytest.mark.parametrize("phase_min_px", [inference.PHASE_MIN_PX, 4])
+def test_the_inference_copy_computes_what_the_folded_model_computes(dtype, phase_min_px,
+                                                                     monkeypatch) -> None:
+    monkeypatch.setattr(inference, "PHASE_MIN_PX", phase_min_px)   # 4: phases on every level
     model = tiny_model(seed=3)
     plain = fold_batch_norm(copy.deepcopy(model)).eval().to(memory_format=CL)
     fast = inference_copy(model, torch.device("cpu"))
