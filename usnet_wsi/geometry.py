@@ -31,8 +31,8 @@ from shapely.geometry import MultiPolygon, Polygon
 from skimage.measure import find_contours
 
 __all__ = [
-    "fill_polygon", "fill_polygons", "largest_polygon", "mask_to_polygon", "pixel_span", "polygon_from_rings",
-    "polygon_to_mask", "transform_polygon",
+    "fill_polygon", "fill_polygons", "largest_polygon", "mask_to_polygon", "pixel_span",
+    "polygon_from_rings", "polygon_to_mask", "transform_polygon",
 ]
 
 CoordFn = Callable[[np.ndarray], np.ndarray]

@@ -152,11 +152,13 @@ class ModelPredictor:
                                                    else regions[p]) for p in parts])
 
     def _predict(self, tiles: np.ndarray, regions: np.ndarray | None) -> InstanceBatch:
+        """One part of a batch: the network, then the instance step."""
         n = len(tiles)
         if n == 1:
             tiles = np.concatenate([tiles, tiles])
             regions = None if regions is None else np.concatenate([regions, regions])
-        x = self.model.normalise(torch.from_numpy(np.ascontiguousarray(tiles)).to(self.torch_device))
+        rgb = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.torch_device)
+        x = self.model.normalise(rgb)
         x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             out = self.model(x) if self._forward is None else self._forward(self.model, x)
