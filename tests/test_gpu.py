@@ -54,3 +54,26 @@ def test_predictor_runs_the_network_in_half_precision_on_cuda() -> None:
     assert len(found) == 2 and found.labels.shape == (2, size, size)
     assert pred.amp and seen == [torch.float16]
     assert next(pred.model.parameters()).is_cuda
+
+
+def test_a_training_step_on_cuda_runs_in_bf16_and_moves_the_weights(tmp_path: Path) -> None:
+    from tests.test_training_data import tiny_batch, tiny_setup
+    from usnet_wsi.anchors import make_anchors
+    from usnet_wsi.training.loop import TrainConfig, make_optimizers, train_step
+    from usnet_wsi.training.precision import resolve_train_precision
+    dev = torch.device("cuda")
+    precision = resolve_train_precision("auto", dev)
+    assert precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    model, _ = tiny_setup("default", seed=0)
+    model = model.to(dev)
+    opts = make_optimizers(model, "default")
+    seen: list[torch.dtype] = []
+    model.unet.enc[0][0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    before = model.unet.enc[0][0].weight.detach().clone()
+    cfg = TrainConfig(out=tmp_path / "b", batch_size=2, refine_per_image=4, precision=precision)
+    parts = train_step(model, tiny_batch(model, seed=1), make_anchors(model.spec).to(dev), opts,
+                       cfg, np.random.default_rng(2), dev)
+    assert all(np.isfinite(v) for v in parts.values()), parts
+    assert seen == [torch.bfloat16 if precision == "bf16" else torch.float32]
+    after = model.unet.enc[0][0].weight
+    assert after.dtype == torch.float32 and not torch.equal(before, after.detach())

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -13,6 +14,7 @@ from usnet_wsi.console import Reporter
 from usnet_wsi.model.bundle import load_bundle
 from usnet_wsi.training.data import Annotated
 from usnet_wsi.training.loop import TrainConfig, checkpoint_dir, train
+from usnet_wsi.training.precision import resolve_train_precision
 
 
 def tiny_image(seed: int, size: int = 400) -> Annotated:
@@ -49,6 +51,10 @@ def test_train_command_writes_a_loadable_bundle_and_resumes(tmp_path: Path):
     bundle = load_bundle(tmp_path / "b")
     assert bundle.config["validation_images"] == ["img2"]
     assert bundle.config["train_images"] == ["img0", "img1"]
+    arith = resolve_train_precision("auto", torch.device("cpu"))      # --precision auto
+    assert bundle.config["train"]["precision"] == arith
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert ("bf16 autocast)." if arith == "bf16" else "fp32).") in card
     res = CliRunner().invoke(main, args[:-3] + ["--epochs", "2", "--val", "img2", "--resume", "-q"])
     assert res.exit_code == 0, res.output
     state = json.loads((checkpoint_dir(tmp_path / "b") / "state.json").read_text())["state"]

@@ -20,7 +20,7 @@ from usnet_wsi.model.usnet import USNet
 from usnet_wsi.training.batches import make_batch
 from usnet_wsi.training.checkpoint import load_checkpoint, save_checkpoint
 from usnet_wsi.training.data import (Annotated, augment, crop_origins, discover, load_pair,
-                                     seg_target)
+                                     rescale_pair, seg_target)
 from usnet_wsi.training.loop import TrainConfig, TrainState, make_optimizers, train_step
 
 TINY = dict(base_width=2, max_width=8, head_width=8, refine_width=4, input_size=96)
@@ -165,6 +165,31 @@ def test_augment_keeps_image_and_labels_aligned() -> None:
         orientations.add((src_y[0, 1] - src_y[0, 0], src_x[0, 1] - src_x[0, 0],
                           src_y[1, 0] - src_y[0, 0], src_x[1, 0] - src_x[0, 0]))
     assert len(orientations) >= 6      # rotations and flips were exercised
+
+
+@pytest.mark.parametrize("shape", [(90, 81), (63, 70), (70, 60)])
+def test_rescale_pair_maps_pixel_centres(shape: tuple[int, int]) -> None:
+    """Labels: each output pixel takes the input pixel under its centre. Image: bilinear, so
+    a ramp stays a ramp (value = 2 * source column centre, to within rounding)."""
+    h, w = 70, 60
+    yy, xx = np.mgrid[0:h, 0:w]
+    labels = (yy * w + xx + 1).astype(np.int32)
+    rgb = np.stack([2 * xx + 10, 2 * yy + 10, np.full_like(xx, 77)], -1).astype(np.uint8)
+    out_rgb, out_lab = rescale_pair(rgb, labels, shape)
+    assert out_rgb.shape == (*shape, 3) and out_rgb.dtype == np.uint8
+    assert out_lab.shape == shape and out_lab.dtype == np.int32
+    src_y, src_x = np.divmod(out_lab - 1, w)
+    cy = (np.arange(shape[0]) + 0.5) * h / shape[0]
+    cx = (np.arange(shape[1]) + 0.5) * w / shape[1]
+    np.testing.assert_array_equal(src_y[:, 0], np.floor(cy).astype(int))
+    np.testing.assert_array_equal(src_x[0], np.floor(cx).astype(int))
+    inner = (cx > 1) & (cx < w - 1)                     # bilinear away from the clamped border
+    want = 2 * (cx - 0.5) + 10
+    assert np.abs(out_rgb[5, inner, 0] - want[inner]).max() <= 0.51
+    assert (out_rgb[..., 2] == 77).all()
+    same_rgb, same_lab = rescale_pair(rgb, labels, (h, w))
+    np.testing.assert_array_equal(same_rgb, rgb)
+    np.testing.assert_array_equal(same_lab, labels)
 
 
 def test_strong_augment_keeps_shapes_and_label_ids() -> None:

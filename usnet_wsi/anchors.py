@@ -71,13 +71,16 @@ def decode(offsets: torch.Tensor, anchors_xyxy: torch.Tensor) -> torch.Tensor:
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of xyxy boxes: (N, 4) x (M, 4) -> (N, M)."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-9)
+    """Pairwise IoU of xyxy boxes: (N, 4) x (M, 4) -> (N, M). Computed in place on (N, M)
+    planes (matching takes it for every anchor and nucleus of every training window)."""
+    def overlap(lo: int, hi: int) -> torch.Tensor:
+        side = torch.minimum(a[:, None, hi], b[None, :, hi])
+        return side.sub_(torch.maximum(a[:, None, lo], b[None, :, lo])).clamp_(min=0)
+    inter = overlap(0, 2).mul_(overlap(1, 3))
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = (area_a[:, None] + area_b[None, :]).sub_(inter).clamp_(min=1e-9)
+    return inter.div_(union)
 
 
 def match(gt_xyxy: torch.Tensor, anchors_xyxy: torch.Tensor, pos_iou: float = 0.5,

@@ -94,10 +94,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "fp16"
-    return "bf16" if _cpu_has_bf16() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     """Native bf16 arithmetic (AVX512-BF16 or AMX), not the slow emulation of older CPUs."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

@@ -76,6 +76,7 @@ def model_card(name: str, spec: ModelSpec, thr: Thresholds, metrics: dict[str, f
     hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     if torch.cuda.is_available():
         hw = torch.cuda.get_device_name(0)
+    arith = {"bf16": "bf16 autocast"}.get(getattr(cfg, "precision", "fp32"), "fp32")
     val = ", ".join(info.get("validation_images", [])) or "none"
     mtxt = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (none) | |"
     return f"""# {name}
@@ -97,7 +98,7 @@ The slide-level numbers (each validation image written as a pyramidal slide and 
 
 ## Training
 Epochs completed: {state.epoch} (of {cfg.epochs}); steps: {state.step}; batch size
-{cfg.batch_size}; time: {state.elapsed_s / 60:.1f} min on {hw} (torch {torch.__version__}).
+{cfg.batch_size}; time: {state.elapsed_s / 60:.1f} min on {hw} (torch {torch.__version__}, {arith}).
 Command: `{info.get('command', 'usnet-wsi train')}`
 
 ## Thresholds (tuned on validation)

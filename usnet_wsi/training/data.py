@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 from skimage.color import hed2rgb, rgb2hed
 from skimage.transform import resize
@@ -177,6 +179,20 @@ def brightness_contrast(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.clip((rgb.astype(np.float32) - m) * c + m + b, 0, 255).astype(np.uint8)
 
 
+def rescale_pair(rgb: np.ndarray, labels: np.ndarray, shape: tuple[int, int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its label map resampled to `shape` (rows, cols), pixel centres mapped onto
+    pixel centres: the image bilinearly (no anti-aliasing: the scale stays within 0.9-1.1),
+    the labels by their nearest pixel."""
+    h, w = labels.shape
+    t = torch.from_numpy(np.require(rgb, np.uint8, ("C", "W"))).permute(2, 0, 1)[None]
+    out = F.interpolate(t, size=shape, mode="bilinear", align_corners=False)   # uint8, rounded
+    rgb = out[0].permute(1, 2, 0).numpy()
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * (h / shape[0])).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * (w / shape[1])).astype(np.int64), w - 1)
+    return np.ascontiguousarray(rgb), labels[rows[:, None], cols[None, :]].astype(np.int32)
+
+
 def augment(rgb: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator,
             strong: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Random scale (0.9-1.1), random size x size crop, flips, 90-degree rotation, colour."""
@@ -185,10 +201,7 @@ def augment(rgb: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Gener
         h, w = labels.shape
         nh, nw = max(size, round(h * s)), max(size, round(w * s))
         if (nh, nw) != (h, w):
-            rgb = (resize(rgb, (nh, nw), order=1, preserve_range=True, anti_aliasing=False)
-                   ).astype(np.uint8)
-            labels = resize(labels, (nh, nw), order=0, preserve_range=True,
-                            anti_aliasing=False).astype(np.int32)
+            rgb, labels = rescale_pair(rgb, labels, (nh, nw))
     h, w = labels.shape
     y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
     rgb, labels = rgb[y:y + size, x:x + size], labels[y:y + size, x:x + size]

@@ -19,10 +19,11 @@ from usnet_wsi.model.bundle import Thresholds, load_bundle, save_bundle
 from usnet_wsi.model.grow import widen
 from usnet_wsi.model.refine import context_boxes, crop_resize
 from usnet_wsi.model.spec import recipe_spec
-from usnet_wsi.model.usnet import USNet
+from usnet_wsi.model.usnet import USNet, USNetOutput
 from usnet_wsi.training.batches import Batch, epoch_windows, make_batch, refine_samples
 from usnet_wsi.training.data import Annotated
 from usnet_wsi.training.ema import WeightAverage
+from usnet_wsi.training.precision import autocast
 from usnet_wsi.training.validate import validate
 
 
@@ -43,6 +44,7 @@ class TrainConfig:
     init: Path | None = None       # start from this bundle's weights (fine-tuning)
     base_width: int | None = None  # U-Net base width (None: the recipe's or the init bundle's)
     ema: float = 0.0               # decay of the weight average validated and saved (0: off)
+    precision: str = "fp32"        # "bf16": forward passes under bf16 autocast (resolved)
 
 
 @dataclass
@@ -122,14 +124,18 @@ def refiner_loss(model: USNet, x: torch.Tensor, probs: torch.Tensor, batch: Batc
     inst = (batch.labels.to(dev)[bidx] == ids.to(dev)[:, None, None]).float()[:, None]
     target = (crop_resize(inst, torch.arange(len(bidx), device=dev), crops, spec.refine_size)
               > 0.5).float()
-    return losses.refine_loss(model.refiner(crop_in), target)
+    with autocast(cfg.precision, dev):
+        logits = model.refiner(crop_in)
+    return losses.refine_loss(logits.float(), target)
 
 
 def train_step(model: USNet, batch: Batch, anchors: torch.Tensor, opts, cfg: TrainConfig,
                rng: np.random.Generator, dev: torch.device) -> dict[str, float]:
     model.train()
     x = model.normalise(batch.images.to(dev))
-    out = model(x)
+    with autocast(cfg.precision, dev):
+        out = model(x)
+    out = USNetOutput(*(t.float() for t in out))      # the losses in float32
     l_seg, l_ce = seg_loss(model, out.seg_logits, batch.seg.to(dev))
     probs = model.seg_probs(out.seg_logits)
     eta_bg, eta_fg = losses.eta_weights((model.foreground(probs) > 0.5).detach())
