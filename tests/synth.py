@@ -133,7 +133,7 @@ def write_tiff(path: Path, levels: list[np.ndarray], kind: str, mpp: float, tile
     h, w = levels[0].shape[:2]
     with tifffile.TiffWriter(path) as tw:
         for i, lvl in enumerate(levels):
-            lw, lh = lvl.shape[1], lvl.shape[0]
+            lw = lvl.shape[1]
             args = _page_args(kind, mpp, w, h, tile, first=(i == 0))
             if "resolution" in args and i > 0:
                 args["resolution"] = tuple(r * lw / w for r in args["resolution"])

@@ -20,7 +20,6 @@ from oracle import OraclePredictor
 from synth import make_slide
 from usnet_wsi.config import SegmentConfig
 from usnet_wsi.journal import HEADER, journal_dir
-from usnet_wsi.outputs import output_paths
 from usnet_wsi.pipeline import segment_slide
 
 CHILD = Path(__file__).resolve().parent / "child.py"

@@ -105,7 +105,7 @@ def test_read_region_level0_is_exact(synth_svs):
 
 
 def test_read_region_across_the_edge_is_white_outside(synth_svs):
-    W, H = synth_svs.width, synth_svs.height
+    W = synth_svs.width
     with open_slide(synth_svs.path) as slide:
         out = slide.read_region((W - 100, -40, W + 60, 120), (160, 160))
     np.testing.assert_array_equal(out[40:, :100], synth_svs.image[:120, W - 100:])
