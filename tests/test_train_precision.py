@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,19 @@ def test_auto_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, native: bool) -
     assert resolve_train_precision("auto", CPU) == ("bf16" if native else "fp32")
     assert resolve_train_precision("fp32", CPU) == "fp32"
     assert resolve_train_precision("bf16", CPU) == "bf16"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_on_cuda_asks_for_native_bf16_not_emulation(monkeypatch, native: bool) -> None:
+    asked: list[bool] = []
+
+    def supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return native or including_emulation         # emulation is always "supported"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: nullcontext())
+    assert resolve_train_precision("auto", torch.device("cuda:0")) == ("bf16" if native else "fp32")
+    assert asked == [False]
 
 
 def test_unknown_precision_is_a_usage_error() -> None:
