@@ -54,7 +54,7 @@ def test_train_command_writes_a_loadable_bundle_and_resumes(tmp_path: Path):
     arith = resolve_train_precision("auto", torch.device("cpu"))      # --precision auto
     assert bundle.config["train"]["precision"] == arith
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
-    assert ("bf16 autocast)." if arith == "bf16" else "fp32).") in card
+    assert ("(bf16 autocast, torch" if arith == "bf16" else "(fp32, torch") in card
     res = CliRunner().invoke(main, args[:-3] + ["--epochs", "2", "--val", "img2", "--resume", "-q"])
     assert res.exit_code == 0, res.output
     state = json.loads((checkpoint_dir(tmp_path / "b") / "state.json").read_text())["state"]

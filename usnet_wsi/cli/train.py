@@ -145,8 +145,8 @@ def resolve_init(init: str | None, resume: bool) -> Path | None:
               show_default=True,
               help="Arithmetic of the training forward and backward passes. auto: bfloat16 "
                    "autocast on CPUs with native bf16 (AVX512-BF16 or AMX; a step takes about "
-                   "0.6x the time) and on CUDA GPUs that support it, else fp32. Weights, "
-                   "optimizer state and losses stay fp32.")
+                   "0.6x the time) and on CUDA GPUs of compute capability 8.0+, else fp32. "
+                   "Weights, optimizer state and losses stay fp32.")
 @verbosity_options
 @guarded
 def train(data: tuple[Path, ...], out: Path, val: str, epochs: int, batch_size: int,

@@ -98,7 +98,7 @@ The slide-level numbers (each validation image written as a pyramidal slide and 
 
 ## Training
 Epochs completed: {state.epoch} (of {cfg.epochs}); steps: {state.step}; batch size
-{cfg.batch_size}; time: {state.elapsed_s / 60:.1f} min on {hw} (torch {torch.__version__}, {arith}).
+{cfg.batch_size}; time: {state.elapsed_s / 60:.1f} min on {hw} ({arith}, torch {torch.__version__}).
 Command: `{info.get('command', 'usnet-wsi train')}`
 
 ## Thresholds (tuned on validation)

@@ -1,9 +1,9 @@
 """Mixed precision for training: bfloat16 autocast where the device computes it natively.
 
 Under bf16 autocast the convolutions and matrix products of the forward pass (and so of the
-backward pass) run in bfloat16, while the weights, the optimizer state, batch norm and the
-losses stay in float32. bfloat16 has float32's exponent range, so no loss scaling is needed.
-On a CPU with AVX512-BF16 or AMX a training step takes about 0.6x the time of float32.
+backward pass) run in bfloat16, while the weights (batch-norm statistics included), the
+optimizer state and the losses stay in float32. bfloat16 has float32's exponent range, so no
+loss scaling is needed. On a CPU with AVX512-BF16 or AMX a training step takes about 0.6x the time of float32.
 """
 
 from __future__ import annotations
