@@ -76,7 +76,7 @@ def model_card(name: str, spec: ModelSpec, thr: Thresholds, metrics: dict[str, f
     hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     if torch.cuda.is_available():
         hw = torch.cuda.get_device_name(0)
-    arith = {"bf16": "bf16 autocast"}.get(getattr(cfg, "precision", "fp32"), "fp32")
+    arith = "bf16 autocast" if cfg.precision == "bf16" else "fp32"
     val = ", ".join(info.get("validation_images", [])) or "none"
     mtxt = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (none) | |"
     return f"""# {name}
