@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from usnet_wsi.children import exit_with_parent
 from usnet_wsi.console import Task
 from usnet_wsi.merge import Merger
 from usnet_wsi.nuclei import Nucleus, TileFrame, tile_nuclei
@@ -171,18 +172,8 @@ def cpu_pool(workers: int) -> Executor:
         if pool is None:
             ctx = multiprocessing.get_context("spawn")
             pool = _POOLS[workers] = ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),))
+                workers, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),))
         return pool
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Worker initializer: a daemon thread that ends the worker once its parent is gone."""
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.25)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="usnet-parent-watch", daemon=True).start()
 
 
 def _drop_pool(workers: int) -> None:

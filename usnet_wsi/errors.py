@@ -20,6 +20,10 @@ class UsnetError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
+    def __reduce__(self) -> tuple:
+        """Pickled with its hint (errors cross from worker processes to the caller)."""
+        return type(self), (self.message, self.hint)
+
 
 class UsageError(UsnetError):
     """Bad command-line arguments or settings (exit 2)."""

@@ -13,7 +13,6 @@ import os
 import shlex
 import tempfile
 import time
-from array import array
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -21,28 +20,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import shapely
 
 from usnet_wsi.config import SegmentConfig, SlideOptions
 from usnet_wsi.console import Reporter
-from usnet_wsi.engine import (EngineCounts, EngineSettings, MergedStep, StageTimes,
+from usnet_wsi.engine import (EngineCounts, EngineSettings, StageTimes,
                               merged_nuclei)
 from usnet_wsi.errors import OutputError
 from usnet_wsi.journal import Journal, JournalRequest, journal_dir, open_journal
-from usnet_wsi.measure import measurement_rows
 from usnet_wsi import __version__
-from usnet_wsi.nuclei import Nucleus
 from usnet_wsi.outputs import (OutputPaths, Stage, check_name_length, fingerprint_file,
                                identity_changes, manifest_problem, output_paths, read_record,
                                remove_tree)
 from usnet_wsi.slide import IsotropicView, Slide, TolerantReader, open_slide
 from usnet_wsi.tiling import TilePlan, plan_tiles, roi_from_xywh
 from usnet_wsi.tissue import tissue_mask
-from usnet_wsi.writers.background import BackgroundWriter
-from usnet_wsi.writers.geojson import GeoJSONWriter
 from usnet_wsi.writers.overview import write_overview
 from usnet_wsi.writers.runjson import provenance, utc_now, write_run_json
-from usnet_wsi.writers.zarr import LabelZarrWriter
+from usnet_wsi.writers.sink import (ProcessSink, SinkSpec, SinkSummary, ThreadedSink,
+                                     open_sink)
 
 if TYPE_CHECKING:  # pragma: no cover - predict.py imports torch
     from usnet_wsi.predict import Predictor
@@ -346,62 +341,25 @@ def _warn_if_empty(plan: TilePlan, tissue: Tissue, cfg: SegmentConfig, name: str
                       "(use --no-tissue-mask to process every tile)")
 
 
-def _to_l0(nucleus: Nucleus, view: IsotropicView | None) -> Nucleus:
-    """A nucleus found in the square-pixel view, in level-0 pixels."""
-    if view is None:
-        return nucleus
-    from shapely import affinity
-
-    poly = affinity.scale(nucleus.polygon_l0, 1 / view.fx, 1 / view.fy, origin=(0, 0))
-    return Nucleus(polygon_l0=poly, score=nucleus.score, tile_index=nucleus.tile_index,
-                   hematoxylin_od=nucleus.hematoxylin_od)
+def _sink_spec(run: _Run, stage: Stage) -> SinkSpec:
+    info, view = run.slide.info, run.reader.view
+    return SinkSpec(geojson=stage.paths.geojson, geojson_gz=run.cfg.geojson_gz,
+                    fingerprint=info.fingerprint, zarr=stage.paths.zarr, width=info.width,
+                    height=info.height, mpp_x=info.mpp_x, mpp_y=info.mpp_y,
+                    source={"slide": info.name, "fingerprint": info.fingerprint},
+                    view_stretch=None if view is None else (view.fx, view.fy))
 
 
-class _NucleiSink:
-    """Numbers the final nuclei and writes them (GeoJSON, zarr labels); runs in the writer
-    thread, so serialising overlaps with the model and the CPU stage."""
-
-    def __init__(self, run: "_Run", geo: GeoJSONWriter, labels: LabelZarrWriter) -> None:
-        info = run.slide.info
-        self.mpp_x, self.mpp_y, self.view = info.mpp_x, info.mpp_y, run.reader.view
-        self.geo, self.labels, self.times = geo, labels, run.times
-        self.label = 0
-        self.centroids = array("d")
-
-    def consume(self, step: MergedStep) -> None:
-        t0 = time.perf_counter()
-        nuclei = [_to_l0(n, self.view) for n in step.nuclei]
-        polys = [n.polygon_l0 for n in nuclei]
-        rows = measurement_rows(polys, [n.score for n in nuclei],
-                                [n.hematoxylin_od for n in nuclei], self.mpp_x, self.mpp_y)
-        first = self.label + 1
-        self.geo.write({"id": first + i, "polygon_l0": p, "score": n.score, "measurements": m}
-                       for i, (p, n, m) in enumerate(zip(polys, nuclei, rows)))
-        for i, n in enumerate(nuclei):
-            self.labels.add(first + i, n.polygon_l0, n.score)
-        self.label += len(nuclei)
-        if polys:
-            xy = shapely.get_coordinates(shapely.centroid(np.asarray(polys, dtype=object)))
-            self.centroids.extend(xy.ravel().tolist())
-        if math.isfinite(step.horizon_y_l0):   # after the last step, close() finishes
-            self.labels.complete_above(step.horizon_y_l0 / (self.view.fy if self.view else 1.0))
-        self.times.add("write", time.perf_counter() - t0)
-
-
-def _stream(run: _Run, geo: GeoJSONWriter, labels: LabelZarrWriter,
-            reporter: Reporter) -> np.ndarray:
-    """Run the engine into the writers; returns the (N, 2) level-0 centroids."""
+def _stream(run: _Run, sink: ThreadedSink | ProcessSink, reporter: Reporter) -> None:
+    """Run the engine into the sink (which writes off the main loop)."""
     info, cfg = run.slide.info, run.cfg
     settings = EngineSettings(batch_size=cfg.batch_size, workers=cfg.workers,
                               prefetch_tiles=cfg.prefetch_tiles, iou_threshold=cfg.iou_threshold)
-    sink = _NucleiSink(run, geo, labels)
     with reporter.task(info.name, total=len(run.plan.tiles)) as task, \
             closing(merged_nuclei(run.reader, run.plan, run.model, settings, task, run.times,
-                                  run.counts, run.journal)) as steps, \
-            BackgroundWriter(sink.consume) as writer:
+                                  run.counts, run.journal)) as steps:
         for step in steps:   # closing(): on an error the reader threads stop at once
-            writer.put(step)
-    return np.frombuffer(sink.centroids, dtype=np.float64).reshape(-1, 2)
+            sink.put(step)
 
 
 def _write_outputs(run: _Run, reporter: Reporter, t_start: float) -> EngineCounts:
@@ -409,26 +367,23 @@ def _write_outputs(run: _Run, reporter: Reporter, t_start: float) -> EngineCount
     failure the staging folder is removed and the earlier outputs stay as they were."""
     info, cfg, tissue, times = run.slide.info, run.cfg, run.tissue, run.times
     stage = Stage(run.paths)
-    geo, labels = None, None
+    sink = None
     try:
-        geo = GeoJSONWriter(stage.paths.geojson, cfg.geojson_gz, info.fingerprint)
-        labels = LabelZarrWriter(stage.paths.zarr, info.width, info.height, info.mpp_x,
-                                 info.mpp_y, source={"slide": info.name,
-                                                     "fingerprint": info.fingerprint})
-        centroids = _stream(run, geo, labels, reporter)
+        # in a process of its own where CPU-stage workers run too (cores to spare)
+        sink = open_sink(_sink_spec(run, stage), own_process=cfg.workers > 0)
+        _stream(run, sink, reporter)
         t0 = time.perf_counter()
-        labels.close()
-        geo.close()
-        write_overview(stage.paths.overview, tissue.thumb, tissue.scale, centroids,
+        written, sink = sink.close(), None
+        times.add("write", written.seconds)
+        write_overview(stage.paths.overview, tissue.thumb, tissue.scale, written.centroids,
                        mpp=(info.mpp_x + info.mpp_y) / 2)
         times.add("finish", time.perf_counter() - t0)
         times.add("total", time.perf_counter() - t_start)
-        write_run_json(stage.paths.run_json, _run_record(run, geo, stage))
+        write_run_json(stage.paths.run_json, _run_record(run, written, stage))
         stage.commit()
     except BaseException:
-        for writer in (geo, labels):
-            if writer is not None:
-                writer.abort()
+        if sink is not None:
+            sink.abort()
         stage.abort()
         _keep_journal(run.journal)
         raise
@@ -455,7 +410,7 @@ def _manifest(run: _Run, stage: Stage) -> dict[str, Any]:
             f.overview.name: fingerprint_file(s.overview)}
 
 
-def _run_record(run: _Run, geo: GeoJSONWriter, stage: Stage) -> dict[str, Any]:
+def _run_record(run: _Run, written: SinkSummary, stage: Stage) -> dict[str, Any]:
     info, plan, model, cfg, counts = run.slide.info, run.plan, run.model, run.cfg, run.counts
     paths, tissue = run.paths, run.tissue
     argv = list(cfg.argv) or None
@@ -483,7 +438,7 @@ def _run_record(run: _Run, geo: GeoJSONWriter, stage: Stage) -> dict[str, Any]:
         "counts": {"tiles": counts.tiles, "detections": counts.detected,
                    "owned": counts.owned, "nuclei": counts.nuclei,
                    "resumed_tiles": counts.resumed,
-                   "geojson_features": geo.n_written, "geojson_skipped": geo.n_skipped,
+                   "geojson_features": written.written, "geojson_skipped": written.skipped,
                    "merge": counts.merge},
         "unreadable_tiles": _in_slide_order(run.reader.failures),
         "unreadable_thumbnail_parts": list(run.reader.thumbnail_failures),
