@@ -97,6 +97,12 @@ class EngineCounts:
     resumed: int = 0           # tiles taken from a resume journal instead of the model
     merge: dict[str, int] = field(default_factory=dict)   # Merger statistics
 
+    def add(self, res: TileResult) -> None:
+        """Count one tile's result (before merging)."""
+        self.tiles += 1
+        self.detected += res.n_detected
+        self.owned += len(res.nuclei)
+
 
 def read_tiles(slide: RegionReader, plan: TilePlan, workers: int, window: int,
                times: StageTimes, start: int = 0) -> Iterator[tuple[Tile, np.ndarray]]:
@@ -275,10 +281,11 @@ class Journal(Protocol):
     def record(self, result: TileResult) -> None: ...
 
 
-def _all_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
-                 settings: EngineSettings, times: StageTimes,
-                 journal: Journal | None) -> Iterator[TileResult]:
-    """The journal's results first, then the model's for the remaining tiles (recorded)."""
+def journaled_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
+                      settings: EngineSettings, times: StageTimes,
+                      journal: Journal | None) -> Iterator[TileResult]:
+    """Per-tile results in plan order: the journal's first, then the model's for the remaining
+    tiles (each recorded in the journal)."""
     done = journal.done if journal is not None else []
     yield from done
     with closing(tile_results(slide, plan, predictor, settings, times, len(done))) as results:
@@ -288,6 +295,32 @@ def _all_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
                 journal.record(res)
                 times.add("journal", time.perf_counter() - t0)
             yield res
+
+
+class MergingStage:
+    """Tile results in plan order -> merged steps: the Merger, and after each tile the row
+    above which every nucleus is final. Counts the final nuclei."""
+
+    def __init__(self, plan: TilePlan, iou_threshold: float) -> None:
+        self.merger = Merger(plan, iou_threshold=iou_threshold)
+        self.row_top = {t.row: t.read_l0[1] for t in plan.tiles}
+        self.nuclei = 0
+
+    def add(self, res: TileResult) -> MergedStep:
+        final = self.merger.add(res.tile, res.nuclei)
+        self.nuclei += len(final)
+        # later nuclei come from rows still pending in the merger or from this row onwards
+        horizon = min(self.row_top[r] for r in self.merger.pending_rows + [res.tile.row])
+        return MergedStep(final, float(horizon))
+
+    def flush(self) -> MergedStep:
+        final = self.merger.flush()
+        self.nuclei += len(final)
+        return MergedStep(final, math.inf)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return asdict(self.merger.stats)
 
 
 def merged_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
@@ -303,28 +336,22 @@ def merged_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
     times = times if times is not None else StageTimes()
     counts = counts if counts is not None else EngineCounts()
     counts.resumed = len(journal.done) if journal is not None else 0
-    merger = Merger(plan, iou_threshold=settings.iou_threshold)
-    row_top = {t.row: t.read_l0[1] for t in plan.tiles}
-    with closing(_all_results(slide, plan, predictor, settings, times, journal)) as results:
+    merging = MergingStage(plan, settings.iou_threshold)
+    with closing(journaled_results(slide, plan, predictor, settings, times, journal)) as results:
         for res in results:
             t0 = time.perf_counter()
-            final = merger.add(res.tile, res.nuclei)
+            step = merging.add(res)
             times.add("merge", time.perf_counter() - t0)
-            counts.tiles += 1
-            counts.detected += res.n_detected
-            counts.owned += len(res.nuclei)
-            counts.nuclei += len(final)
-            # later nuclei come from rows still pending in the merger or from this row onwards
-            horizon = min(row_top[r] for r in merger.pending_rows + [res.tile.row])
-            yield MergedStep(final, float(horizon))
+            counts.add(res)
+            counts.nuclei = merging.nuclei
+            yield step
             if task is not None:
                 task.advance(1, nuclei=counts.nuclei)
     t0 = time.perf_counter()
-    final = merger.flush()
+    step = merging.flush()
     times.add("merge", time.perf_counter() - t0)
-    counts.nuclei += len(final)
-    counts.merge = asdict(merger.stats)
-    yield MergedStep(final, math.inf)
+    counts.nuclei, counts.merge = merging.nuclei, merging.stats
+    yield step
 
 
 def segment_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",

@@ -23,8 +23,7 @@ import numpy as np
 
 from usnet_wsi.config import SegmentConfig, SlideOptions
 from usnet_wsi.console import Reporter
-from usnet_wsi.engine import (EngineCounts, EngineSettings, StageTimes,
-                              merged_nuclei)
+from usnet_wsi.engine import EngineCounts, EngineSettings, StageTimes, journaled_results
 from usnet_wsi.errors import OutputError
 from usnet_wsi.journal import Journal, JournalRequest, journal_dir, open_journal
 from usnet_wsi import __version__
@@ -343,7 +342,8 @@ def _warn_if_empty(plan: TilePlan, tissue: Tissue, cfg: SegmentConfig, name: str
 
 def _sink_spec(run: _Run, stage: Stage) -> SinkSpec:
     info, view = run.slide.info, run.reader.view
-    return SinkSpec(geojson=stage.paths.geojson, geojson_gz=run.cfg.geojson_gz,
+    return SinkSpec(plan=run.plan, iou_threshold=run.cfg.iou_threshold,
+                    geojson=stage.paths.geojson, geojson_gz=run.cfg.geojson_gz,
                     fingerprint=info.fingerprint, zarr=stage.paths.zarr, width=info.width,
                     height=info.height, mpp_x=info.mpp_x, mpp_y=info.mpp_y,
                     source={"slide": info.name, "fingerprint": info.fingerprint},
@@ -351,15 +351,19 @@ def _sink_spec(run: _Run, stage: Stage) -> SinkSpec:
 
 
 def _stream(run: _Run, sink: ThreadedSink | ProcessSink, reporter: Reporter) -> None:
-    """Run the engine into the sink (which writes off the main loop)."""
-    info, cfg = run.slide.info, run.cfg
+    """Run the engine's tile results into the sink (which merges and writes off the main
+    loop). Progress counts the nuclei the tiles own, before the merge."""
+    info, cfg, counts = run.slide.info, run.cfg, run.counts
     settings = EngineSettings(batch_size=cfg.batch_size, workers=cfg.workers,
                               prefetch_tiles=cfg.prefetch_tiles, iou_threshold=cfg.iou_threshold)
+    counts.resumed = len(run.journal.done) if run.journal is not None else 0
     with reporter.task(info.name, total=len(run.plan.tiles)) as task, \
-            closing(merged_nuclei(run.reader, run.plan, run.model, settings, task, run.times,
-                                  run.counts, run.journal)) as steps:
-        for step in steps:   # closing(): on an error the reader threads stop at once
-            sink.put(step)
+            closing(journaled_results(run.reader, run.plan, run.model, settings, run.times,
+                                      run.journal)) as results:
+        for res in results:   # closing(): on an error the reader threads stop at once
+            counts.add(res)
+            sink.put(res)
+            task.advance(1, nuclei=counts.owned)
 
 
 def _write_outputs(run: _Run, reporter: Reporter, t_start: float) -> EngineCounts:
@@ -374,7 +378,9 @@ def _write_outputs(run: _Run, reporter: Reporter, t_start: float) -> EngineCount
         _stream(run, sink, reporter)
         t0 = time.perf_counter()
         written, sink = sink.close(), None
-        times.add("write", written.seconds)
+        run.counts.nuclei, run.counts.merge = written.nuclei, written.merge
+        times.add("merge", written.merge_s)
+        times.add("write", written.write_s)
         write_overview(stage.paths.overview, tissue.thumb, tissue.scale, written.centroids,
                        mpp=(info.mpp_x + info.mpp_y) / 2)
         times.add("finish", time.perf_counter() - t0)

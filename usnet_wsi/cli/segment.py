@@ -117,9 +117,10 @@ def _remove_if_empty(folder: Path) -> None:
                    "e.g. 4 tiles of 556 px; the output does not depend on it).")
 @click.option("--workers", type=int, default=None,
               help="Worker processes for the CPU stage (nucleus outlines, stain measurements) "
-                   "while the model runs, plus one process that writes the outputs; 0 = all in "
-                   "the main process (writing in a thread). Default: 0 on machines of 2 cores "
-                   "or fewer, else cores - 2 (at most 4). Two threads read tiles.")
+                   "while the model runs, plus one process that merges and writes the "
+                   "outputs; 0 = all in the main process (merging and writing in a thread). "
+                   "Default: 0 on machines of 2 cores or fewer, else cores - 2 (at most 4). "
+                   "Two threads read tiles.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True,
               help="Network arithmetic. auto: fp16 on CUDA, bf16 on CPUs with native bf16 "

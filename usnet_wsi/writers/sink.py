@@ -1,14 +1,15 @@
-"""The end of a slide's run: the final nuclei -> GeoJSON detections and the OME-Zarr label image.
+"""The end of a slide's run: tile results -> merged nuclei -> GeoJSON detections and the OME-Zarr
+label image.
 
-`NucleiSink` numbers the final nuclei in the order they come, measures them and hands them to
-the GeoJSON and label-image writers. It runs off the main loop, in one of two ways that write
-the same files:
+`NucleiSink` merges the tiles' nuclei in plan order (`usnet_wsi.engine.MergingStage`), numbers
+the final nuclei in the order they come, measures them and hands them to the GeoJSON and
+label-image writers. It runs off the main loop, in one of two ways that write the same files:
 
 - `ThreadedSink`: in a thread of the calling process;
 - `ProcessSink`: in a process of its own (machines with cores to spare, `--workers` 1 or more).
-  Measuring, serialising and rasterising then never hold the main process's GIL, which the
-  main process needs to read tiles, feed the model and merge: with a fast model (a GPU) that
-  GIL, not the number of cores, sets the pace.
+  Merging, measuring, serialising and rasterising then never hold the main process's GIL,
+  which the main process needs to read tiles, feed the model and hand out the CPU stage: with
+  a fast model (a GPU) that GIL, not the number of cores, sets the pace.
 
 Either way the writers stage their output under temporary names: `close()` finishes them,
 `abort()` removes them. An error in the sink is raised again in the caller at its next `put`
@@ -33,23 +34,27 @@ import shapely
 from shapely import affinity
 
 from usnet_wsi.children import exit_with_parent
+from usnet_wsi.engine import MergedStep, MergingStage, TileResult
 from usnet_wsi.measure import measurement_rows
 from usnet_wsi.nuclei import Nucleus
+from usnet_wsi.tiling import TilePlan
 from usnet_wsi.writers.background import BackgroundWriter
 from usnet_wsi.writers.geojson import GeoJSONWriter
 from usnet_wsi.writers.zarr import LabelZarrWriter
 
 __all__ = ["SinkSpec", "SinkSummary", "NucleiSink", "ThreadedSink", "ProcessSink", "open_sink"]
 
-_QUEUE_ITEMS = 64          # merged steps in flight to the sink (bounded memory)
+_QUEUE_ITEMS = 64          # tile results in flight to the sink (bounded memory)
 _POLL_S = 0.5              # how often a waiting caller checks that the sink process lives
 _ABORT_WAIT_S = 30.0       # how long `abort` waits for the sink process to clean up
 
 
 @dataclass(frozen=True)
 class SinkSpec:
-    """Where and how a slide's nuclei are written (small and picklable)."""
+    """What the sink merges and where it writes (picklable)."""
 
+    plan: TilePlan
+    iou_threshold: float                    # the merge's duplicate threshold
     geojson: Path
     geojson_gz: bool
     fingerprint: str
@@ -66,17 +71,23 @@ class SinkSpec:
 class SinkSummary:
     """What the run record needs once the files are finished."""
 
+    nuclei: int                # final nuclei after the merge
+    merge: dict[str, int]      # the Merger's statistics
     written: int               # GeoJSON features
     skipped: int               # polygons degenerate after cleaning
     centroids: np.ndarray      # (N, 2) level-0 centroids, in id order
-    seconds: float             # time spent measuring and writing (without finishing)
+    merge_s: float             # time spent merging
+    write_s: float             # time spent measuring and writing (without finishing)
 
 
 class NucleiSink:
-    """Numbers the final nuclei (1, 2, ... in the order they come) and writes them."""
+    """Merges tile results (in plan order), numbers the final nuclei (1, 2, ... in the order
+    the merge emits them) and writes them."""
 
     def __init__(self, spec: SinkSpec) -> None:
         self.spec = spec
+        self.merging = MergingStage(spec.plan, spec.iou_threshold)
+        self.merge_s = 0.0
         self.geo = GeoJSONWriter(spec.geojson, spec.geojson_gz, spec.fingerprint)
         try:
             self.labels = LabelZarrWriter(spec.zarr, spec.width, spec.height, spec.mpp_x,
@@ -85,11 +96,18 @@ class NucleiSink:
             self.geo.abort()
             raise
         self.label = 0
-        self.seconds = 0.0
+        self.write_s = 0.0
         self.centroids = array("d")
 
-    def consume(self, step: Any) -> None:
-        """One `usnet_wsi.engine.MergedStep`: its nuclei, and the row above which all is final."""
+    def consume(self, result: TileResult) -> None:
+        """The next tile's result in plan order."""
+        t0 = time.perf_counter()
+        step = self.merging.add(result)
+        self.merge_s += time.perf_counter() - t0
+        self._write(step)
+
+    def _write(self, step: MergedStep) -> None:
+        """Final nuclei, and the row above which all is final."""
         t0 = time.perf_counter()
         nuclei = [self._to_l0(n) for n in step.nuclei]
         polys = [n.polygon_l0 for n in nuclei]
@@ -108,7 +126,7 @@ class NucleiSink:
         if math.isfinite(step.horizon_y_l0):   # after the last step, close() finishes
             fy = self.spec.view_stretch[1] if self.spec.view_stretch else 1.0
             self.labels.complete_above(step.horizon_y_l0 / fy)
-        self.seconds += time.perf_counter() - t0
+        self.write_s += time.perf_counter() - t0
 
     def _to_l0(self, nucleus: Nucleus) -> Nucleus:
         """A nucleus found in the square-pixel view, in level-0 pixels."""
@@ -120,15 +138,20 @@ class NucleiSink:
                        hematoxylin_od=nucleus.hematoxylin_od)
 
     def close(self) -> SinkSummary:
-        """Finish both files (still under their temporary names)."""
+        """Merge and write the last nuclei and finish both files."""
         try:
+            t0 = time.perf_counter()
+            step = self.merging.flush()
+            self.merge_s += time.perf_counter() - t0
+            self._write(step)
             self.labels.close()
             self.geo.close()
         except BaseException:
             self.abort()
             raise
         xy = np.frombuffer(self.centroids, dtype=np.float64).reshape(-1, 2).copy()
-        return SinkSummary(self.geo.n_written, self.geo.n_skipped, xy, self.seconds)
+        return SinkSummary(self.merging.nuclei, self.merging.stats, self.geo.n_written,
+                           self.geo.n_skipped, xy, self.merge_s, self.write_s)
 
     def abort(self) -> None:
         """Remove what was written."""
@@ -143,8 +166,8 @@ class ThreadedSink:
         self._sink = NucleiSink(spec)
         self._writer = BackgroundWriter(self._sink.consume, _QUEUE_ITEMS)
 
-    def put(self, step: Any) -> None:
-        self._writer.put(step)
+    def put(self, result: TileResult) -> None:
+        self._writer.put(result)
 
     def close(self) -> SinkSummary:
         try:
@@ -174,12 +197,13 @@ class ProcessSink:
         self._proc.start()
         self._ended = False
 
-    def put(self, step: Any) -> None:
-        """Queue one step (waits while the queue is full); raises the sink's error if any."""
-        self._send(("step", step))
+    def put(self, result: TileResult) -> None:
+        """Queue one tile result (waits while the queue is full); raises the sink's error if
+        any."""
+        self._send(("tile", result))
 
     def close(self) -> SinkSummary:
-        """Wait until every step is written and both files are finished."""
+        """Wait until every result is merged and written and both files are finished."""
         self._send(("close", None))
         kind, payload = self._reply(timeout=None)
         self._end()
@@ -204,7 +228,7 @@ class ProcessSink:
         try:
             self._items.put_nowait(("abort", None))
         except queue.Full:
-            pass                    # the sink sees the stop flag before its next step
+            pass                    # the sink sees the stop flag before its next result
         try:
             self._reply(timeout=_ABORT_WAIT_S)
         except BaseException:  # noqa: BLE001 - aborting already; the first error is reported
@@ -249,7 +273,7 @@ class ProcessSink:
 
 
 def _serve(spec: SinkSpec, items: Any, replies: Any, stop: Any, parent_pid: int) -> None:
-    """The sink process: steps in, one reply out."""
+    """The sink process: tile results in, one reply out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent decides on Ctrl-C
     exit_with_parent(parent_pid)
     try:
@@ -258,7 +282,7 @@ def _serve(spec: SinkSpec, items: Any, replies: Any, stop: Any, parent_pid: int)
         replies.put(("error", _portable(err)))
         return
     while True:
-        kind, step = items.get()
+        kind, result = items.get()
         if kind == "abort" or stop.is_set():
             sink.abort()
             replies.put(("aborted", None))
@@ -267,7 +291,7 @@ def _serve(spec: SinkSpec, items: Any, replies: Any, stop: Any, parent_pid: int)
             if kind == "close":
                 replies.put(("done", sink.close()))
                 return
-            sink.consume(step)
+            sink.consume(result)
         except BaseException as err:  # noqa: BLE001 - handed to the parent
             sink.abort()
             replies.put(("error", _portable(err)))
