@@ -131,30 +131,43 @@ def measure_forward(opts: dict) -> dict:
 
 
 class ReplayPredictor:
-    """Returns recorded outputs instantly (keyed by tile index): the pipeline without a model."""
+    """Returns recorded outputs instantly (keyed by tile index): the pipeline without a model.
+    Tiles recorded unpainted are handed out unpainted where the engine asks (CPU-stage
+    workers paint them), as the real predictor does."""
+
+    defers_painting = True
 
     def __init__(self, recorded: dict, meta: dict) -> None:
         self.recorded = recorded
         for k, v in meta.items():
             setattr(self, k, v)
 
-    def predict(self, tiles, meta=None, regions=None):
-        from usnet_wsi.instances import InstanceBatch
-        return InstanceBatch.from_tiles([self.recorded[t.index] for t in meta])
+    def predict(self, tiles, meta=None, regions=None, paint=True):
+        from usnet_wsi.instances import InstanceBatch, TileInstances
+        from usnet_wsi.painting import TileMasks, UnpaintedBatch
+        found = [self.recorded[t.index] for t in meta]
+        if not paint and all(isinstance(f, TileMasks) for f in found):
+            return UnpaintedBatch(found)
+        return InstanceBatch.from_tiles([TileInstances(*f.paint(), f.detected)
+                                         if isinstance(f, TileMasks) else f for f in found])
 
 
 class RecordingPredictor:
-    """Wraps the real predictor and keeps each tile's output."""
+    """Wraps the real predictor and keeps each tile's output (painted or not, as the engine
+    asked for it)."""
 
     def __init__(self, inner) -> None:
         self.inner, self.recorded = inner, {}
-        for k in ("name", "sha256", "device", "tile_px", "halo_px", "mpp", "precision"):
-            setattr(self, k, getattr(inner, k))
+        for k in ("name", "sha256", "device", "tile_px", "halo_px", "mpp", "precision",
+                  "defers_painting"):
+            setattr(self, k, getattr(inner, k, False))
 
-    def predict(self, tiles, meta=None, regions=None):
-        found = self.inner.predict(tiles, meta, regions)
+    def predict(self, tiles, meta=None, regions=None, paint=True):
+        from usnet_wsi.painting import UnpaintedBatch
+        found = self.inner.predict(tiles, meta, regions, **({} if paint else {"paint": False}))
         for i, t in enumerate(meta):
-            self.recorded[t.index] = found.tile(i)
+            self.recorded[t.index] = (found.tiles[i] if isinstance(found, UnpaintedBatch)
+                                      else found.tile(i))
         return found
 
 

@@ -357,6 +357,30 @@ def test_a_cpu_batch_runs_in_parts_with_the_same_results(monkeypatch) -> None:
     assert np.isnan(whole.scores[:, split.scores.shape[1]:]).all()
 
 
+@pytest.mark.parametrize("n, part_px", [(5, None), (5, 2 * 128 * 128), (1, None)])
+def test_masks_painted_tile_by_tile_equal_the_painted_batch(monkeypatch, n, part_px) -> None:
+    """What the engine's CPU-stage workers paint (predict(paint=False), then each tile's masks)
+    is the batch's label maps and scores, also where the batch runs in parts or is one tile."""
+    import usnet_wsi.predict as predict_module
+    from usnet_wsi.painting import UnpaintedBatch
+    if part_px:
+        monkeypatch.setattr(predict_module, "CPU_PART_PX", part_px)
+    model = tiny_model(seed=3, input_size=128, halo_px=16)
+    thr = Thresholds(score=0.0, top_k=40, max_edge_fraction=1.0, quality_weight=0.5)
+    pred = ModelPredictor(model, thr, torch.device("cpu"))
+    tiles = random_tiles(n, 128, seed=6)
+    regions = np.tile(np.array([[8, 8, 120, 120]], np.float32), (n, 1))
+    whole = pred.predict(tiles, None, regions)
+    deferred = pred.predict(tiles, None, regions, paint=False)
+    assert isinstance(deferred, UnpaintedBatch) and len(deferred) == n
+    np.testing.assert_array_equal(deferred.detected, whole.detected)
+    for i, masks in enumerate(deferred.tiles):
+        labels, scores = masks.paint()
+        np.testing.assert_array_equal(labels, whole.labels[i])
+        np.testing.assert_array_equal(scores, whole.scores[i, :whole.counts[i]])
+    assert whole.counts.sum() >= 2 * n and len(np.unique(whole.scores[0, :whole.counts[0]])) > 1
+
+
 @pytest.mark.parametrize("n", range(1, 20))
 def test_batch_parts_cover_the_batch_without_lone_tiles(n: int) -> None:
     from usnet_wsi.predict import batch_parts
@@ -474,3 +498,18 @@ def test_window_ranges_per_mask_match_a_plain_min_and_max(grouped: bool) -> None
         sel = owner == mask
         assert (y0[k], y1[k], x0[k], x1[k]) == (row[sel].min(), row[sel].max(),
                                                 col[sel].min(), col[sel].max())
+
+
+def test_predict_image_is_the_same_when_the_workers_paint() -> None:
+    """With CPU-stage workers the model's masks are painted in the workers (each tile's own);
+    the segmentation is the same as painting the batch in the calling thread."""
+    model = tiny_model(seed=2, input_size=128, halo_px=16)
+    # scores ranked with the mask quality: they differ between nuclei (the random detector's
+    # alone are all alike)
+    thr = Thresholds(score=0.0, top_k=40, max_edge_fraction=1.0, quality_weight=0.5)
+    pred = ModelPredictor(model, thr, torch.device("cpu"))
+    rgb = random_tiles(1, 200, seed=3)[0][:150]
+    inline, inline_scores = predict_image(pred, rgb, batch_size=3, workers=0)
+    workers, worker_scores = predict_image(pred, rgb, batch_size=3, workers=1)
+    np.testing.assert_array_equal(workers, inline)
+    assert worker_scores == inline_scores and len(set(inline_scores.values())) >= 2

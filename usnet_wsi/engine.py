@@ -36,7 +36,8 @@ import numpy as np
 from usnet_wsi.children import exit_with_parent
 from usnet_wsi.console import Task
 from usnet_wsi.merge import Merger
-from usnet_wsi.nuclei import Nucleus, TileFrame, tile_nuclei
+from usnet_wsi.nuclei import Nucleus, TileFrame, masks_nuclei, tile_nuclei
+from usnet_wsi.painting import UnpaintedBatch
 from usnet_wsi.tiling import Tile, TilePlan, claim_box_l0, claim_box_tile
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; predict.py imports torch
@@ -201,25 +202,35 @@ def _shutdown_pools() -> None:
 # ----------------------------------------------------------------------------- streaming
 
 def _predict(predictor: "Predictor", batch: list[tuple[Tile, np.ndarray]], plan: TilePlan,
-             times: StageTimes) -> "InstanceBatch":
+             times: StageTimes, workers: int) -> "InstanceBatch | UnpaintedBatch":
+    """The predictor on one batch; with CPU-stage workers, a predictor that can leaves the
+    painting of the masks to them."""
     images = np.stack([rgb for _, rgb in batch])
     regions = np.array([claim_box_tile(t, plan) for t, _ in batch], dtype=np.float32)
+    meta = [t for t, _ in batch]
     t0 = time.perf_counter()
-    found = predictor.predict(images, [t for t, _ in batch], regions)
+    if workers > 0 and getattr(predictor, "defers_painting", False):
+        found = predictor.predict(images, meta, regions, paint=False)  # type: ignore[call-arg]
+    else:
+        found = predictor.predict(images, meta, regions)
     times.add("predict", time.perf_counter() - t0)
     if len(found) != len(batch):
         raise RuntimeError(f"predictor returned {len(found)} results for {len(batch)} tiles")
     return found
 
 
-def _submit_batch(pool: Executor, batch: list[tuple[Tile, np.ndarray]], found: "InstanceBatch",
-                  plan: TilePlan, times: StageTimes) -> list[tuple[Tile, int, Future]]:
+def _submit_batch(pool: Executor, batch: list[tuple[Tile, np.ndarray]],
+                  found: "InstanceBatch | UnpaintedBatch", plan: TilePlan,
+                  times: StageTimes) -> list[tuple[Tile, int, Future]]:
     out = []
     t0 = time.perf_counter()
     for i, (tile, rgb) in enumerate(batch):
-        n = int(found.counts[i])
-        fut = pool.submit(tile_nuclei, tile_frame(tile, plan), rgb, found.labels[i],
-                          found.scores[i, :n])
+        frame = tile_frame(tile, plan)
+        if isinstance(found, UnpaintedBatch):
+            fut = pool.submit(masks_nuclei, frame, rgb, found.tiles[i])
+        else:
+            n = int(found.counts[i])
+            fut = pool.submit(tile_nuclei, frame, rgb, found.labels[i], found.scores[i, :n])
         out.append((tile, int(found.detected[i]), fut))
     times.add("post", time.perf_counter() - t0)   # all of the CPU stage when it runs inline
     return out
@@ -248,7 +259,7 @@ def tile_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
         with closing(read_tiles(slide, plan, READ_THREADS, settings.prefetch_tiles,
                                 times, start)) as tiles:
             for batch in batched(tiles, settings.batch_size):
-                found = _predict(predictor, batch, plan, times)
+                found = _predict(predictor, batch, plan, times, settings.workers)
                 pending.extend(_submit_batch(pool, batch, found, plan, times))
                 while len(pending) > max_pending or (pending and pending[0][2].done()):
                     yield _result(pending.popleft(), times)

@@ -15,7 +15,8 @@ threshold tuning all go through it. One fixed flow of batched tensors, on the mo
    exactly as painting one mask after the other, best first, where each mask keeps the
    largest connected part of the pixels still free and is dropped when that part is smaller
    than `min_area_px` or `keep_fraction` of its area. Result: an int32 label map per tile
-   plus a score table.
+   plus a score table. With `paint=False` each tile's masks are returned unpainted instead
+   (the engine's CPU-stage workers paint them, tile by tile, with the same result).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from usnet_wsi.model.bundle import Thresholds
 from usnet_wsi.model.inference import compute_dtype
 from usnet_wsi.model.refine import context_boxes, crop_resize, paste_masks
 from usnet_wsi.model.usnet import USNet, USNetOutput
-from usnet_wsi.painting import MaskPixels, paint_batch
+from usnet_wsi.painting import MaskPixels, UnpaintedBatch, paint_batch, split_by_tile
 
 # Detections whose box centre lies this many tile pixels outside the tile's `region` are not
 # refined (the refined mask's centroid, which decides ownership, sits near the box centre).
@@ -124,11 +125,13 @@ def paint_masks(masks: Sequence[np.ndarray], origins: Sequence[tuple[int, int]],
 @torch.no_grad()
 def batch_instances(model: USNet, x: torch.Tensor, out: USNetOutput, anchors: torch.Tensor,
                     thr: Thresholds, regions: torch.Tensor | None = None,
-                    autocast: Callable[[], ContextManager] = nullcontext) -> InstanceBatch:
+                    autocast: Callable[[], ContextManager] = nullcontext,
+                    paint: bool = True) -> InstanceBatch | UnpaintedBatch:
     """Normalised input batch x (B, 3, S, S) and its raw outputs -> label maps and scores.
 
     `regions`: (B, 4) xyxy tile-pixel boxes where a nucleus centre must lie for the tile to
-    keep it (None: the whole tile). `autocast`: the context the refiner runs in."""
+    keep it (None: the whole tile). `autocast`: the context the refiner runs in. `paint`:
+    False leaves step 7 to the caller (each tile's masks, for a CPU-stage worker)."""
     b, size = x.shape[0], x.shape[-1]
     dets = detect(out.conf_logits, out.loc, anchors, thr.score, thr.nms, thr.top_k, size)
     detected = torch.bincount(dets.image, minlength=b)
@@ -140,7 +143,7 @@ def batch_instances(model: USNet, x: torch.Tensor, out: USNetOutput, anchors: to
     if thr.quality_weight > 0 or thr.final_score > 0:
         dets, logits, crops = _rerank(dets, logits, crops, thr)
     masks = _paste(logits, crops, dets.image, size, thr)
-    return _to_host(masks, _need(masks.area, thr), dets, (b, size), detected)
+    return _to_host(masks, _need(masks.area, thr), dets, (b, size), detected, paint)
 
 
 def _centre_in(dets: Detections, regions: torch.Tensor, margin: float) -> torch.Tensor:
@@ -272,13 +275,18 @@ def _need(area: torch.Tensor, thr: Thresholds) -> torch.Tensor:
 
 
 def _to_host(masks: _Masks, need: torch.Tensor, dets: Detections, shape: tuple[int, int],
-             detected: torch.Tensor) -> InstanceBatch:
-    """One copy of the compact tables to the host, then painting (usnet_wsi.painting)."""
+             detected: torch.Tensor, paint: bool = True) -> InstanceBatch | UnpaintedBatch:
+    """One copy of the compact tables to the host, then painting (usnet_wsi.painting), or the
+    masks split by tile for painting elsewhere."""
     b, size = shape
     owner, flat, need, usable, tile, scores, detected = (
         t.cpu().numpy() for t in (masks.owner, masks.flat, need, masks.usable, dets.image,
                                   dets.scores, detected))
-    labels, kept = paint_batch(MaskPixels(owner, flat, need, usable, tile), b, size)
+    pixels = MaskPixels(owner, flat, need, usable, tile)
+    if not paint:
+        rounded = np.round(scores.astype(np.float32), SCORE_DECIMALS)
+        return UnpaintedBatch(split_by_tile(pixels, rounded, detected, size))
+    labels, kept = paint_batch(pixels, b, size)
     idx = np.flatnonzero(kept)
     counts = np.bincount(tile[idx], minlength=b)
     table = np.full((b, max(int(counts.max(initial=0)), 1)), np.nan, np.float32)

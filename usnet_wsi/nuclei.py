@@ -19,8 +19,9 @@ from shapely.geometry import Polygon
 
 from usnet_wsi.contours import masks_to_polygons
 from usnet_wsi.measure import hematoxylin_od
+from usnet_wsi.painting import TileMasks
 
-__all__ = ["Nucleus", "TileFrame", "tile_nuclei"]
+__all__ = ["Nucleus", "TileFrame", "masks_nuclei", "tile_nuclei"]
 
 
 @dataclass
@@ -91,3 +92,9 @@ def tile_nuclei(frame: TileFrame, rgb: np.ndarray, labels: np.ndarray,
     _, at = shapely.get_coordinates(geoms, include_z=False, return_index=True)
     l0 = shapely.transform(geoms, lambda xy: frame.to_l0(xy + corner[at]))   # tile -> l0
     return [Nucleus(g, float(scores[k]), frame.index, float(od[k])) for g, k in zip(l0, keys)]
+
+
+def masks_nuclei(frame: TileFrame, rgb: np.ndarray, masks: TileMasks) -> list[Nucleus]:
+    """`tile_nuclei` of a tile whose masks are still to be painted (best score first)."""
+    labels, scores = masks.paint()
+    return tile_nuclei(frame, rgb, labels, scores)

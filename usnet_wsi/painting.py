@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.measure import label as label_parts
 
-__all__ = ["MaskPixels", "paint_batch"]
+__all__ = ["MaskPixels", "TileMasks", "UnpaintedBatch", "paint_batch", "split_by_tile"]
 
 
 @dataclass
@@ -29,6 +29,55 @@ class MaskPixels:
     need: np.ndarray      # (N,) int64: pixels the kept part must have (>= 1)
     usable: np.ndarray    # (N,) bool: masks that may be painted at all
     tile: np.ndarray      # (N,) int64: tile of each mask
+
+
+@dataclass
+class TileMasks:
+    """One tile's masks, best first, not yet painted: what a CPU-stage worker paints (masks of
+    different tiles never meet, so painting tile by tile gives the batch's label maps)."""
+
+    pixels: MaskPixels    # flat = y * S + x; tile all 0
+    scores: np.ndarray    # (N,) float32, score of each mask
+    size: int             # S
+    detected: int = 0     # detections after NMS, before ownership filtering
+
+    def paint(self) -> tuple[np.ndarray, np.ndarray]:
+        """(int32 (S, S) label map, float32 scores of its labels 1..n)."""
+        labels, kept = paint_batch(self.pixels, 1, self.size)
+        return labels[0], self.scores[kept]
+
+
+@dataclass
+class UnpaintedBatch:
+    """A predictor's result for a batch, each tile's masks still to be painted."""
+
+    tiles: list[TileMasks]
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    @property
+    def detected(self) -> np.ndarray:
+        return np.array([t.detected for t in self.tiles], np.int64)
+
+
+def split_by_tile(masks: MaskPixels, scores: np.ndarray, detected: np.ndarray,
+                  size: int) -> list[TileMasks]:
+    """A batch's masks (indexed best first within each tile, tiles in order) -> one TileMasks
+    per tile, mask indices and flat pixel indices made local to the tile."""
+    n_tiles = len(detected)
+    first = np.searchsorted(masks.tile, np.arange(n_tiles + 1))        # masks come by tile
+    pixel_tile = masks.tile[masks.owner]
+    order = np.argsort(pixel_tile, kind="stable")
+    bounds = np.searchsorted(pixel_tile[order], np.arange(n_tiles + 1))
+    out = []
+    for i in range(n_tiles):
+        a, b = first[i], first[i + 1]
+        px = order[bounds[i]:bounds[i + 1]]
+        local = MaskPixels(masks.owner[px] - a, masks.flat[px] - i * size * size,
+                           masks.need[a:b], masks.usable[a:b], np.zeros(b - a, np.int64))
+        out.append(TileMasks(local, scores[a:b], size, int(detected[i])))
+    return out
 
 
 def paint_batch(masks: MaskPixels, n_tiles: int, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ from usnet_wsi.instances import InstanceBatch, batch_instances
 from usnet_wsi.model.bundle import Bundle, Thresholds, load_bundle
 from usnet_wsi.model.inference import inference_copy
 from usnet_wsi.model.usnet import USNet
+from usnet_wsi.painting import UnpaintedBatch
 from usnet_wsi.tta import FlipTTA
 
 __all__ = ["InstanceBatch", "Predictor", "BundlePredictor", "ModelPredictor", "load_predictor",
@@ -60,7 +61,9 @@ class Predictor(Protocol):
         """(B, S, S, 3) uint8 tiles -> label maps and scores. `meta`: the engine's Tile of each
         (where it lies; None outside the engine). `regions` (B, 4) xyxy tile pixels: where the
         centre of a nucleus the engine will keep can lie (None: anywhere); a predictor may skip
-        work on nuclei outside it."""
+        work on nuclei outside it. A predictor whose `defers_painting` is True also takes
+        `paint=False` and then returns an UnpaintedBatch (each tile's masks, painted by the
+        engine's CPU-stage workers)."""
         ...
 
 
@@ -113,7 +116,10 @@ class ModelPredictor:
     whose CPU kernels are both faster and independent of the batch size
     for batches of two or more: a batch of one tile is run as two copies, so results never
     depend on `--batch-size`. `precision` (see `resolve_precision`) is the autocast dtype of the
-    network and the refiner; the instance step computes in float32."""
+    network and the refiner; the instance step computes in float32. `predict(..., paint=False)`
+    leaves the painting of each tile's masks to the caller (the engine's CPU-stage workers)."""
+
+    defers_painting = True
 
     def __init__(self, model: USNet, thresholds: Thresholds, device: torch.device,
                  name: str = "in-memory", sha256: str = "", tile_px: int | None = None,
@@ -142,16 +148,21 @@ class ModelPredictor:
 
     @torch.inference_mode()
     def predict(self, tiles: np.ndarray, meta: Sequence[Any] | None = None,
-                regions: np.ndarray | None = None) -> InstanceBatch:
+                regions: np.ndarray | None = None,
+                paint: bool = True) -> InstanceBatch | UnpaintedBatch:
         if len(tiles) == 0:
-            return InstanceBatch.empty(self.tile_px)
+            return InstanceBatch.empty(self.tile_px) if paint else UnpaintedBatch([])
         parts = batch_parts(len(tiles), self.tile_px, self.torch_device.type)
-        if len(parts) == 1:
-            return self._predict(tiles, regions)
-        return InstanceBatch.concat([self._predict(tiles[p], None if regions is None
-                                                   else regions[p]) for p in parts])
+        found = [self._predict(tiles[p], None if regions is None else regions[p], paint)
+                 for p in parts]
+        if len(found) == 1:
+            return found[0]
+        if paint:
+            return InstanceBatch.concat(found)
+        return UnpaintedBatch([t for part in found for t in part.tiles])
 
-    def _predict(self, tiles: np.ndarray, regions: np.ndarray | None) -> InstanceBatch:
+    def _predict(self, tiles: np.ndarray, regions: np.ndarray | None,
+                 paint: bool) -> InstanceBatch | UnpaintedBatch:
         """One part of a batch: the network, then the instance step."""
         n = len(tiles)
         if n == 1:
@@ -164,11 +175,13 @@ class ModelPredictor:
             out = self.model(x) if self._forward is None else self._forward(self.model, x)
         reg = None if regions is None else torch.as_tensor(regions, device=self.torch_device)
         found = batch_instances(self.model, x, out, self.anchors, self.thresholds, reg,
-                                self.autocast)
+                                self.autocast, paint)
         return found if n > 1 else _first(found)
 
 
-def _first(batch: InstanceBatch) -> InstanceBatch:
+def _first(batch: InstanceBatch | UnpaintedBatch) -> InstanceBatch | UnpaintedBatch:
+    if isinstance(batch, UnpaintedBatch):
+        return UnpaintedBatch(batch.tiles[:1])
     return InstanceBatch(batch.labels[:1], batch.scores[:1], batch.counts[:1],
                          batch.detected[:1])
 
