@@ -5,11 +5,14 @@ Stages overlap, each where its kind of work runs best:
 - reader threads prefetch tile regions (OpenSlide and JPEG decoding release the GIL), a bounded
   window ahead of the model;
 - the calling thread runs the predictor on batches: the network and the batched instance step
-  on the device, one compact result (label maps + scores) per batch back to the host;
-- `workers` processes run the CPU stage (`usnet_wsi.nuclei.tile_nuclei`: ownership, outlines,
-  stain) of earlier batches while the device works on the next one (0 runs it in the calling
-  thread);
-- results come back in plan order and the Merger removes cross-tile duplicates and overlaps.
+  on the device, one compact result per batch back to the host (label maps + scores, or with
+  workers each tile's masks, unpainted);
+- `workers` processes run the CPU stage (`usnet_wsi.nuclei`: painting where it was left to
+  them, ownership, outlines, stain) of earlier batches while the device works on the next one
+  (0 runs it in the calling thread);
+- results come back in plan order (`journaled_results`); the Merger (`MergingStage`) removes
+  cross-tile duplicates and overlaps, here (`merged_nuclei`) or in `segment`'s writer
+  (`usnet_wsi.writers.sink`).
 
 The output does not depend on the batch size or the number of workers. Memory is bounded by the
 prefetch window, the batches in flight and about two tile rows of nuclei in the Merger.
