@@ -6,7 +6,7 @@
 2. Runs `usnet_wsi.pipeline.segment_slide` on it in a fresh child process, with the oracle model
    (tests/oracle.py: the true nuclei, so the run measures reading, tiling, post-processing,
    merge and writers, not the network) or the real model (`--model real`).
-3. Samples the resident memory of the child and its CPU-stage workers (VmRSS summed, every
+3. Samples the resident memory of the child and its worker processes (VmRSS summed, every
    0.1 s) and reads the child's own peak (ru_maxrss);
    prints a table and writes JSON to benchmarks/results/.
 
@@ -132,7 +132,8 @@ def write_slide(path: Path, scene: Scene, mpp: float) -> float:
 # ----------------------------------------------------------------------------- the child run
 
 def _rss_mib() -> float:
-    """Resident memory of this process plus its live children (the CPU-stage workers), MiB."""
+    """Resident memory of this process plus its live children (CPU-stage workers, the writer),
+    MiB."""
     import multiprocessing
     total = 0.0
     for pid in ["self"] + [str(p.pid) for p in multiprocessing.active_children()]:

@@ -77,7 +77,9 @@ def make_slide(args: argparse.Namespace) -> Path:
 # ----------------------------------------------------------------------------- measurements
 
 def _rss_peak_mib() -> float:
-    """Peak resident memory of this process plus its live children (VmHWM), MiB."""
+    """Peak resident memory of this process plus its live children (VmHWM), MiB: the CPU-stage
+    workers, not the writer process of `--workers` >= 1, which has ended by then
+    (`benchmarks/large_slide.py` samples it while it runs)."""
     pids = ["self"] + [str(p.pid) for p in multiprocessing.active_children()]
     total = 0.0
     for pid in pids:
