@@ -62,15 +62,17 @@ def mosaic(names: list[str], repeat: int) -> np.ndarray:
 def make_slide(args: argparse.Namespace) -> Path:
     from usnet_wsi.model.bundle import load_bundle
     from usnet_wsi.pyramid import write_pyramidal_tiff
+    path = WORK / f"mosaic-x{args.repeat}.svs"
+    if path.exists():                  # made before (or brought along to a machine without data)
+        return path
     names = [n for n in load_bundle(args.weights).config.get("validation_images") or []
              if (DATA / "images" / f"{n}.tif").is_file()]     # its MoNuSeg validation images
     if not names:
-        raise SystemExit(f"the validation images of the bundle are not in {DATA}/images")
-    path = WORK / f"mosaic-x{args.repeat}.svs"
-    if not path.exists():
-        WORK.mkdir(parents=True, exist_ok=True)
-        write_pyramidal_tiff(path, mosaic(names, args.repeat), MPP, kind="svs",
-                             compression="jpeg", quality=90)
+        raise SystemExit(f"the validation images of the bundle are not in {DATA}/images, and "
+                         f"there is no {path.relative_to(REPO)} made from them")
+    WORK.mkdir(parents=True, exist_ok=True)
+    write_pyramidal_tiff(path, mosaic(names, args.repeat), MPP, kind="svs",
+                         compression="jpeg", quality=90)
     return path
 
 
