@@ -4,8 +4,9 @@ Stages overlap, each where its kind of work runs best:
 
 - reader threads prefetch tile regions (OpenSlide and JPEG decoding release the GIL), a bounded
   window ahead of the model;
-- the calling thread runs the predictor on batches: the network and the batched instance step
-  on the device, one compact result per batch back to the host (label maps + scores, or with
+- a device thread runs the predictor on batches, one batch ahead of the calling thread: the
+  network and the batched instance step on the device, one compact result per batch back to
+  the host (label maps + scores, or with
   workers each tile's masks, unpainted);
 - `workers` processes run the CPU stage (`usnet_wsi.nuclei`: painting where it was left to
   them, ownership, outlines, stain) of earlier batches while the device works on the next one
@@ -247,6 +248,30 @@ def _result(item: tuple[Tile, int, Future], times: StageTimes) -> TileResult:
     return TileResult(tile=tile, nuclei=nuclei, n_detected=detected)
 
 
+def predicted_batches(tiles: Iterable[tuple[Tile, np.ndarray]], predictor: "Predictor",
+                      plan: TilePlan, settings: EngineSettings, times: StageTimes
+                      ) -> Iterator[tuple[list[tuple[Tile, np.ndarray]], Any]]:
+    """(batch, the predictor's result) in order. The predictor runs in a device thread one
+    batch ahead, so the model works on the next batch while the calling thread hands this
+    one to the CPU stage."""
+    device = ThreadPoolExecutor(1, thread_name_prefix="usnet-device")
+    ahead: deque[tuple[list, Future]] = deque()
+    try:
+        for batch in batched(tiles, settings.batch_size):
+            ahead.append((batch, device.submit(_predict, predictor, batch, plan, times,
+                                               settings.workers)))
+            if len(ahead) == 2:
+                done, fut = ahead.popleft()
+                yield done, fut.result()
+        while ahead:
+            done, fut = ahead.popleft()
+            yield done, fut.result()
+    finally:
+        for _, fut in ahead:
+            fut.cancel()
+        device.shutdown(wait=True, cancel_futures=True)
+
+
 def tile_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
                  settings: EngineSettings, times: StageTimes,
                  start: int = 0) -> Iterator[TileResult]:
@@ -260,9 +285,9 @@ def tile_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
     max_pending = 2 * settings.batch_size + max(settings.workers, 1)
     try:
         with closing(read_tiles(slide, plan, READ_THREADS, settings.prefetch_tiles,
-                                times, start)) as tiles:
-            for batch in batched(tiles, settings.batch_size):
-                found = _predict(predictor, batch, plan, times, settings.workers)
+                                times, start)) as tiles, \
+                closing(predicted_batches(tiles, predictor, plan, settings, times)) as batches:
+            for batch, found in batches:
                 pending.extend(_submit_batch(pool, batch, found, plan, times))
                 while len(pending) > max_pending or (pending and pending[0][2].done()):
                     yield _result(pending.popleft(), times)
