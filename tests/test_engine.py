@@ -20,7 +20,8 @@ from PIL import Image
 from oracle import OraclePredictor
 from synth import grid_nuclei, paint
 from usnet_wsi.engine import (EngineCounts, EngineSettings, StageTimes, batched, merged_nuclei,
-                              read_tiles, segment_nuclei, seconds_per_tile, tile_frame)
+                              read_tiles, segment_nuclei, seconds_per_tile, tile_frame,
+                              tile_results)
 from usnet_wsi.nuclei import tile_nuclei
 from usnet_wsi.tiling import claimed, plan_tiles
 
@@ -259,6 +260,33 @@ def test_predictor_errors_propagate_and_threads_stop():
         list(segment_nuclei(ArrayReader(image), plan, Broken(nuclei, 300, 300, 0.5, 100, 16),
                             EngineSettings()))
     assert threading.active_count() <= before
+
+
+def test_the_model_works_on_the_next_batch_while_this_one_is_handed_on():
+    """The predictor runs in a device thread one batch ahead: while the calling thread holds
+    the first batch's results (the generator is suspended), the next batch is predicted."""
+    second_started = threading.Event()
+
+    class Watched(OraclePredictor):
+        threads: set[str] = set()
+
+        def predict(self, tiles, meta=None, regions=None):
+            self.threads.add(threading.current_thread().name)
+            if meta[0].index > 0:
+                second_started.set()
+            return super().predict(tiles, meta, regions)
+
+    nuclei, image, _ = _scene(300, 300, 68)
+    plan = plan_tiles((0, 0, 300, 300), 0.5, 0.5, 100, 16)
+    oracle = Watched(nuclei, 300, 300, 0.5, 100, 16)
+    results = tile_results(ArrayReader(image), plan, oracle, EngineSettings(batch_size=2),
+                           StageTimes())
+    first = next(results)
+    assert first.tile.index == 0
+    assert second_started.wait(10), "the next batch was not predicted ahead"
+    rest = list(results)
+    assert [r.tile.index for r in [first] + rest] == list(range(len(plan.tiles)))
+    assert all(name.startswith("usnet-device") for name in oracle.threads)
 
 
 def test_seconds_per_tile_times_the_predictor():
