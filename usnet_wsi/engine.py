@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
@@ -121,18 +121,27 @@ def read_tiles(slide: RegionReader, plan: TilePlan, workers: int, window: int,
         times.add("read", time.perf_counter() - t0)
         return rgb
 
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="usnet-read")
-    pending: deque[tuple[Tile, Future]] = deque()
+    yield from ahead_of_use(plan.tiles[start:], read, window, workers, "usnet-read")
+
+
+def ahead_of_use(items: Iterable[Any], fn: Callable[[Any], Any], depth: int, threads: int,
+                 name: str) -> Iterator[tuple[Any, Any]]:
+    """(item, fn(item)) in the items' order; fn runs in `threads` threads named `name`, at
+    most `depth` items ahead of the consumer. The threads stop when the consumer does."""
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+    pending: deque[tuple[Any, Future]] = deque()
     try:
-        for tile in plan.tiles[start:]:
-            pending.append((tile, pool.submit(read, tile)))
-            if len(pending) >= max(1, window):
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= max(1, depth):
                 head, fut = pending.popleft()
                 yield head, fut.result()
         while pending:
             head, fut = pending.popleft()
             yield head, fut.result()
     finally:
+        for _, fut in pending:
+            fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -254,22 +263,10 @@ def predicted_batches(tiles: Iterable[tuple[Tile, np.ndarray]], predictor: "Pred
     """(batch, the predictor's result) in order. The predictor runs in a device thread one
     batch ahead, so the model works on the next batch while the calling thread hands this
     one to the CPU stage."""
-    device = ThreadPoolExecutor(1, thread_name_prefix="usnet-device")
-    ahead: deque[tuple[list, Future]] = deque()
-    try:
-        for batch in batched(tiles, settings.batch_size):
-            ahead.append((batch, device.submit(_predict, predictor, batch, plan, times,
-                                               settings.workers)))
-            if len(ahead) == 2:
-                done, fut = ahead.popleft()
-                yield done, fut.result()
-        while ahead:
-            done, fut = ahead.popleft()
-            yield done, fut.result()
-    finally:
-        for _, fut in ahead:
-            fut.cancel()
-        device.shutdown(wait=True, cancel_futures=True)
+    def predict(batch: list[tuple[Tile, np.ndarray]]) -> Any:
+        return _predict(predictor, batch, plan, times, settings.workers)
+
+    yield from ahead_of_use(batched(tiles, settings.batch_size), predict, 2, 1, "usnet-device")
 
 
 def tile_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
