@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from usnet_wsi.children import exit_with_parent
-from usnet_wsi.console import Task
 from usnet_wsi.merge import Merger
 from usnet_wsi.nuclei import Nucleus, TileFrame, masks_nuclei, tile_nuclei
 from usnet_wsi.painting import UnpaintedBatch
@@ -237,6 +236,7 @@ def _submit_batch(pool: Executor, batch: list[tuple[Tile, np.ndarray]],
                   times: StageTimes) -> list[tuple[Tile, int, Future]]:
     out = []
     t0 = time.perf_counter()
+    detected = found.detected
     for i, (tile, rgb) in enumerate(batch):
         frame = tile_frame(tile, plan)
         if isinstance(found, UnpaintedBatch):
@@ -244,7 +244,7 @@ def _submit_batch(pool: Executor, batch: list[tuple[Tile, np.ndarray]],
         else:
             n = int(found.counts[i])
             fut = pool.submit(tile_nuclei, frame, rgb, found.labels[i], found.scores[i, :n])
-        out.append((tile, int(found.detected[i]), fut))
+        out.append((tile, int(detected[i]), fut))
     times.add("post", time.perf_counter() - t0)   # all of the CPU stage when it runs inline
     return out
 
@@ -360,20 +360,15 @@ class MergingStage:
 
 
 def merged_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
-                  settings: EngineSettings, task: Task | None = None,
-                  times: StageTimes | None = None, counts: EngineCounts | None = None,
-                  journal: Journal | None = None) -> Iterator[MergedStep]:
-    """Final nuclei of the plan (merged, non-overlapping) in a deterministic order.
-
-    With a `journal`, its tiles are merged as they were and only the others are predicted;
-    the output is the same as without. Progress: `task.advance(1, nuclei=...)` per tile.
-    `times` and `counts` are filled in.
-    """
+                  settings: EngineSettings, times: StageTimes | None = None,
+                  counts: EngineCounts | None = None) -> Iterator[MergedStep]:
+    """Final nuclei of the plan (merged, non-overlapping) in a deterministic order, merged in
+    the calling thread (`segment` merges in its writer instead: `usnet_wsi.writers.sink`).
+    `times` and `counts` are filled in."""
     times = times if times is not None else StageTimes()
     counts = counts if counts is not None else EngineCounts()
-    counts.resumed = len(journal.done) if journal is not None else 0
     merging = MergingStage(plan, settings.iou_threshold)
-    with closing(journaled_results(slide, plan, predictor, settings, times, journal)) as results:
+    with closing(tile_results(slide, plan, predictor, settings, times)) as results:
         for res in results:
             t0 = time.perf_counter()
             step = merging.add(res)
@@ -381,8 +376,6 @@ def merged_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
             counts.add(res)
             counts.nuclei = merging.nuclei
             yield step
-            if task is not None:
-                task.advance(1, nuclei=counts.nuclei)
     t0 = time.perf_counter()
     step = merging.flush()
     times.add("merge", time.perf_counter() - t0)
@@ -394,7 +387,7 @@ def segment_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
                    settings: EngineSettings, times: StageTimes | None = None,
                    counts: EngineCounts | None = None) -> Iterator[Nucleus]:
     """The final nuclei only (see `merged_nuclei`)."""
-    for step in merged_nuclei(slide, plan, predictor, settings, None, times, counts):
+    for step in merged_nuclei(slide, plan, predictor, settings, times, counts):
         yield from step.nuclei
 
 
