@@ -97,6 +97,26 @@ def test_crop_resize_reads_the_indexed_image() -> None:
     assert crop_resize(imgs, torch.zeros(0, dtype=torch.long), torch.zeros((0, 4)), 48).shape \
         == (0, 2, 48, 48)
 
+def test_crop_resize_gives_the_same_samples_however_the_crops_are_grouped() -> None:
+    """Many crops per image (one sampling call per image, crops in any image order) and one
+    crop at a time (one call over a padded grid) give bitwise the same crops, and autograd
+    reaches the images through both."""
+    g = torch.Generator().manual_seed(3)
+    imgs = torch.rand((3, 4, 64, 70), generator=g)
+    xy = torch.rand((40, 2), generator=g) * 50
+    crops = context_boxes(torch.cat([xy, xy + torch.rand((40, 2), generator=g) * 20 + 3], 1),
+                          1.5, 64)
+    image = torch.randint(0, 3, (40,), generator=g)
+    image[image == 1] = 0                                     # image 1 holds no crop
+    many = crop_resize(imgs, image, crops, 48)
+    one_by_one = torch.cat([crop_resize(imgs, image[i:i + 1], crops[i:i + 1], 48)
+                            for i in range(40)])
+    assert many.shape == (40, 4, 48, 48)
+    assert torch.equal(many, one_by_one)
+    src = imgs.clone().requires_grad_(True)
+    crop_resize(src, image, crops, 48).sum().backward()
+    assert src.grad[0].abs().sum() > 0 and src.grad[1].abs().sum() == 0
+
 
 def ellipse(h: int, w: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w] + 0.5

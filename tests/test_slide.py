@@ -115,6 +115,22 @@ def test_read_region_across_the_edge_is_white_outside(synth_svs):
     assert (far == 255).all()
 
 
+@pytest.mark.parametrize("alpha", ["binary", "partial"])
+def test_transparent_pixels_are_composited_on_white(alpha):
+    """OpenSlide's RGBA (not premultiplied) over white, rounded: out = (rgb a + 255 (255 - a)
+    + 127) // 255, whether the alpha band is only 0 / 255 (slide edges) or has any value."""
+    from usnet_wsi.slide import _composite_on_white
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, (70, 90, 4), dtype=np.uint8)
+    if alpha == "binary":
+        rgba[..., 3] = np.where(rng.random((70, 90)) < 0.3, 0, 255)
+    rgb, a = rgba[..., :3].astype(int), rgba[..., 3:].astype(int)
+    want = (rgb * a + 255 * (255 - a) + 127) // 255
+    got = _composite_on_white(Image.fromarray(rgba, "RGBA"))
+    assert got.dtype == np.uint8 and got.shape == (70, 90, 3)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_read_region_uses_the_lower_level(synth_svs):
     """A 4x reduction of the whole slide equals the stored level 1 (read there, no resampling)."""
     level1 = np.asarray(Image.fromarray(synth_svs.image).resize((256, 192), Image.Resampling.BOX))

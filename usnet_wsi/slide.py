@@ -361,8 +361,13 @@ def _describe(p: Path, source: Any, user_mpp: float | None,
 
 def _composite_on_white(rgba: Image.Image) -> np.ndarray:
     """uint8 (h, w, 3): RGBA (OpenSlide, not premultiplied) over a white background."""
-    if rgba.getchannel("A").getextrema()[0] == 255:  # opaque: drop the alpha band
+    alpha = rgba.getchannel("A")
+    if alpha.getextrema()[0] == 255:  # opaque: drop the alpha band
         return np.asarray(rgba.convert("RGB"))
+    if not any(alpha.histogram()[1:255]):  # inside (255) or outside the slide (0) only
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba)  # its alpha as the mask: exact where that is 0 or 255
+        return np.asarray(out)
     a = np.asarray(rgba)
     alpha = a[..., 3:4].astype(np.uint16)
     rgb = a[..., :3].astype(np.uint16)

@@ -58,23 +58,66 @@ def crop_resize(images: torch.Tensor, batch_index: torch.Tensor, crops: torch.Te
     (N, C, out, out) with bilinear sampling at pixel centres (a differentiable RoIAlign).
 
     Each image is sampled once for all of its crops (the crops of one image are laid side by
-    side in one sampling grid), so no image is ever copied per crop."""
+    side in one sampling grid), so no image is ever copied per crop. Where the images hold
+    many crops each (inference), each image is sampled in its own call over exactly its
+    crops; where they hold about one each (training targets), in one call over all images.
+    Every sample is computed alike either way, so the result does not depend on the grouping.
+    """
     n, (b, c, h, w) = crops.shape[0], images.shape
     if n == 0:
         return images.new_zeros((0, c, out, out))
     batch_index = batch_index.to(images.device).long()
-    counts = torch.bincount(batch_index, minlength=b)
-    slot = _slot_in_image(batch_index, counts)
-    k = int(counts.max())
     t = (torch.arange(out, device=images.device, dtype=images.dtype) + 0.5) / out
     crops = crops.to(images.device, images.dtype)
     xs = crops[:, 0:1] + t[None] * (crops[:, 2:3] - crops[:, 0:1])      # (N, out) pixel coords
     ys = crops[:, 1:2] + t[None] * (crops[:, 3:4] - crops[:, 1:2])
-    grid = images.new_full((b, k, out, out, 2), -2.0)                    # unused slots: outside
-    grid[batch_index, slot, :, :, 0] = (2 * xs / w - 1)[:, None, :].expand(-1, out, -1)
-    grid[batch_index, slot, :, :, 1] = (2 * ys / h - 1)[:, :, None].expand(-1, -1, out)
-    sampled = F.grid_sample(images, grid.view(b, k * out, out, 2), mode="bilinear",
-                            padding_mode="border", align_corners=False)  # (B, C, k*out, out)
+    grid = torch.stack([(2 * xs / w - 1)[:, None, :].expand(-1, out, -1),
+                        (2 * ys / h - 1)[:, :, None].expand(-1, -1, out)], dim=-1)
+    counts = torch.bincount(batch_index, minlength=b)
+    if n >= _CROPS_PER_CALL * b:
+        return _sample_per_image(images, batch_index, counts, grid)
+    return _sample_padded(images, batch_index, counts, grid)
+
+
+# Images holding at least this many crops on average are sampled one call each.
+_CROPS_PER_CALL = 8
+
+
+def _sample(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """(M, C, H, W) images, (M, K, out, out, 2) grids -> (M, C, K * out, out) samples."""
+    m, k, out = grid.shape[:3]
+    return F.grid_sample(image, grid.reshape(m, k * out, out, 2), mode="bilinear",
+                         padding_mode="border", align_corners=False)
+
+
+def _sample_per_image(images: torch.Tensor, batch_index: torch.Tensor, counts: torch.Tensor,
+                      grid: torch.Tensor) -> torch.Tensor:
+    """One sampling call per image over its own crops; (N, C, out, out), a view of a
+    (C, N, out, out) tensor (the caller's copy into the refiner's layout is the only one)."""
+    c, out = images.shape[1], grid.shape[1]
+    order = torch.argsort(batch_index, stable=True)
+    in_order = bool((order == torch.arange(len(order), device=order.device)).all())
+    parts = []
+    for i, idx in zip(torch.nonzero(counts).flatten().tolist(),
+                      order.split(counts[counts > 0].tolist())):
+        parts.append(_sample(images[i:i + 1], grid[idx][None]).view(c, len(idx), out, out))
+    sampled = torch.cat(parts, dim=1)
+    if not in_order:
+        sampled = sampled[:, torch.argsort(order)]
+    return sampled.permute(1, 0, 2, 3)
+
+
+def _sample_padded(images: torch.Tensor, batch_index: torch.Tensor, counts: torch.Tensor,
+                   grid: torch.Tensor) -> torch.Tensor:
+    """One sampling call for the whole batch: each image's crops in slots 0.. of a grid as
+    long as the most crops of any image (unused slots lie outside)."""
+    b, c = images.shape[:2]
+    out = grid.shape[1]
+    slot = _slot_in_image(batch_index, counts)
+    k = int(counts.max())
+    padded = grid.new_full((b, k, out, out, 2), -2.0)
+    padded[batch_index, slot] = grid
+    sampled = _sample(images, padded)                                  # (B, C, k*out, out)
     return sampled.view(b, c, k, out, out)[batch_index, :, slot]     # (N, C, out, out)
 
 
