@@ -125,7 +125,7 @@ def _max_calipers(hulls: np.ndarray) -> np.ndarray:
     return out
 
 
-_PAIR_BUDGET = 1 << 20
+_PAIR_BUDGET = 1 << 16     # pairs per group: its arrays stay in the CPU caches
 
 
 def _group_max_distance(xy: np.ndarray, starts: np.ndarray, counts: np.ndarray,
