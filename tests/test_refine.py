@@ -3,6 +3,7 @@ instances and in-memory image prediction."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from typing import Sequence
 
@@ -399,6 +400,42 @@ def test_masks_painted_tile_by_tile_equal_the_painted_batch(monkeypatch, n, part
         np.testing.assert_array_equal(labels, whole.labels[i])
         np.testing.assert_array_equal(scores, whole.scores[i, :whole.counts[i]])
     assert whole.counts.sum() >= 2 * n and len(np.unique(whole.scores[0, :whole.counts[0]])) > 1
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_device_thread_leaves_painting_to_the_cpu_stage(monkeypatch, workers) -> None:
+    """The engine asks the model for unpainted masks with or without workers: the masks are
+    painted in the CPU stage (the calling thread for --workers 0), never in the device thread,
+    and the nuclei are those of the batch painted on the device."""
+    import usnet_wsi.painting as painting
+    from usnet_wsi.engine import EngineSettings, StageTimes, tile_results
+    from usnet_wsi.predict import ImageReader
+    from usnet_wsi.tiling import plan_tiles
+    model = tiny_model(seed=3, input_size=128, halo_px=16)
+    pred = ModelPredictor(model, Thresholds(score=0.0, top_k=40, max_edge_fraction=1.0),
+                          torch.device("cpu"))
+    painted_in: set[str] = set()
+    real_paint = painting.TileMasks.paint
+
+    def watched(self):
+        painted_in.add(threading.current_thread().name)
+        return real_paint(self)
+
+    monkeypatch.setattr(painting.TileMasks, "paint", watched)
+    image = random_tiles(1, 300, seed=2)[0]
+    plan = plan_tiles((0, 0, 300, 300), pred.mpp, pred.mpp, 128, 16)
+
+    def nuclei(settings: EngineSettings) -> list:
+        results = tile_results(ImageReader(image), plan, pred, settings, StageTimes())
+        return [(r.tile.index, n.score, n.polygon_l0.wkt) for r in results for n in r.nuclei]
+
+    got = nuclei(EngineSettings(batch_size=3, workers=workers))
+    if workers == 0:
+        assert painted_in == {threading.current_thread().name}
+    else:
+        assert painted_in == set()        # painted in the worker processes
+    monkeypatch.setattr(type(pred), "defers_painting", False)   # painted on the device
+    assert nuclei(EngineSettings(batch_size=3)) == got and len(got) > 0
 
 
 @pytest.mark.parametrize("n", range(1, 20))

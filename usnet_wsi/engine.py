@@ -6,11 +6,11 @@ Stages overlap, each where its kind of work runs best:
   window ahead of the model;
 - a device thread runs the predictor on batches, one batch ahead of the calling thread: the
   network and the batched instance step on the device, one compact result per batch back to
-  the host (label maps + scores, or with
-  workers each tile's masks, unpainted);
+  the host (each tile's masks, unpainted, from a predictor that can leave the painting to the
+  CPU stage; label maps + scores from others);
 - `workers` processes run the CPU stage (`usnet_wsi.nuclei`: painting where it was left to
-  them, ownership, outlines, stain) of earlier batches while the device works on the next one
-  (0 runs it in the calling thread);
+  it, ownership, outlines, stain) of earlier batches while the device works on the next one
+  (0 runs it in the calling thread, still off the device thread);
 - results come back in plan order (`journaled_results`); the Merger (`MergingStage`) removes
   cross-tile duplicates and overlaps, here (`merged_nuclei`) or in `segment`'s writer
   (`usnet_wsi.writers.sink`).
@@ -214,14 +214,14 @@ def _shutdown_pools() -> None:
 # ----------------------------------------------------------------------------- streaming
 
 def _predict(predictor: "Predictor", batch: list[tuple[Tile, np.ndarray]], plan: TilePlan,
-             times: StageTimes, workers: int) -> "InstanceBatch | UnpaintedBatch":
-    """The predictor on one batch; with CPU-stage workers, a predictor that can leaves the
-    painting of the masks to them."""
+             times: StageTimes) -> "InstanceBatch | UnpaintedBatch":
+    """The predictor on one batch; a predictor that can leaves the painting of the masks to
+    the CPU stage (off the device thread, whose pace sets the run's)."""
     images = np.stack([rgb for _, rgb in batch])
     regions = np.array([claim_box_tile(t, plan) for t, _ in batch], dtype=np.float32)
     meta = [t for t, _ in batch]
     t0 = time.perf_counter()
-    if workers > 0 and getattr(predictor, "defers_painting", False):
+    if getattr(predictor, "defers_painting", False):
         found = predictor.predict(images, meta, regions, paint=False)  # type: ignore[call-arg]
     else:
         found = predictor.predict(images, meta, regions)
@@ -264,7 +264,7 @@ def predicted_batches(tiles: Iterable[tuple[Tile, np.ndarray]], predictor: "Pred
     batch ahead, so the model works on the next batch while the calling thread hands this
     one to the CPU stage."""
     def predict(batch: list[tuple[Tile, np.ndarray]]) -> Any:
-        return _predict(predictor, batch, plan, times, settings.workers)
+        return _predict(predictor, batch, plan, times)
 
     yield from ahead_of_use(batched(tiles, settings.batch_size), predict, 2, 1, "usnet-device")
 

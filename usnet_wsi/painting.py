@@ -33,7 +33,7 @@ class MaskPixels:
 
 @dataclass
 class TileMasks:
-    """One tile's masks, best first, not yet painted: what a CPU-stage worker paints (masks of
+    """One tile's masks, best first, not yet painted: what the CPU stage paints (masks of
     different tiles never meet, so painting tile by tile gives the batch's label maps)."""
 
     pixels: MaskPixels    # flat = y * S + x; tile all 0

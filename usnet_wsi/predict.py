@@ -62,8 +62,8 @@ class Predictor(Protocol):
         (where it lies; None outside the engine). `regions` (B, 4) xyxy tile pixels: where the
         centre of a nucleus the engine will keep can lie (None: anywhere); a predictor may skip
         work on nuclei outside it. A predictor whose `defers_painting` is True also takes
-        `paint=False` and then returns an UnpaintedBatch (each tile's masks, painted by the
-        engine's CPU-stage workers)."""
+        `paint=False` and then returns an UnpaintedBatch (each tile's masks, painted in the
+        engine's CPU stage)."""
         ...
 
 
@@ -117,7 +117,7 @@ class ModelPredictor:
     for batches of two or more: a batch of one tile is run as two copies, so results never
     depend on `--batch-size`. `precision` (see `resolve_precision`) is the autocast dtype of the
     network and the refiner; the instance step computes in float32. `predict(..., paint=False)`
-    leaves the painting of each tile's masks to the caller (the engine's CPU-stage workers)."""
+    leaves the painting of each tile's masks to the caller (the engine's CPU stage)."""
 
     defers_painting = True
 
