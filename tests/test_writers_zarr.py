@@ -211,6 +211,42 @@ def test_bad_label_is_refused(tmp_path):
     assert writer.n_added == 0
 
 
+def test_adding_many_at_once_equals_adding_one_by_one(tmp_path):
+    """`add_many` in groups (as the writer of `segment` adds each tile's final nuclei) gives
+    the store that `add` of each gives: every level and every table column, bitwise."""
+    nuclei = _nuclei(seed=7, n=60)
+    _write(tmp_path / "one.zarr", nuclei, band_every=9, table_chunk=7)
+    with LabelZarrWriter(tmp_path / "many.zarr", W, H, MPP_X, MPP_Y, chunk_px=32,
+                         min_level_px=40, table_chunk=7, source={"slide": "synthetic"}) as w:
+        for i in range(0, len(nuclei), 9):
+            group = nuclei[i:i + 9]
+            w.add_many([n[0] for n in group], [n[1] for n in group], [n[2] for n in group])
+            if i + 9 < len(nuclei) - 1:
+                w.complete_above(min(p.bounds[1] for _, p, _ in nuclei[i + 9:]))
+    assert w.n_added == len(nuclei)
+    one, many = zarr.open_group(tmp_path / "one.zarr"), zarr.open_group(tmp_path / "many.zarr")
+    for name in ("labels/nuclei/0", "labels/nuclei/1", "tables/nuclei/id",
+                 "tables/nuclei/centroid_x", "tables/nuclei/centroid_y", "tables/nuclei/bbox",
+                 "tables/nuclei/area_px", "tables/nuclei/score"):
+        np.testing.assert_array_equal(many[name][:], one[name][:], err_msg=name)
+    assert many["labels/nuclei/0"][:].any()
+
+
+def test_add_many_refuses_what_add_refuses(tmp_path):
+    ok = Point(20, 60).buffer(5)
+    with LabelZarrWriter(tmp_path / "s.zarr", W, H, MPP_X, MPP_Y, chunk_px=16) as writer:
+        with pytest.raises(ValueError, match="empty polygon"):
+            writer.add_many([1, 2], [ok, Point(5, 5).buffer(0)], [0.9, 0.8])
+        with pytest.raises(ValueError, match="label must be"):
+            writer.add_many([1, 0], [ok, ok], [0.9, 0.8])
+        writer.complete_above(40)
+        with pytest.raises(ValueError, match="already declared complete"):
+            writer.add_many([1, 2], [ok, Point(20, 10).buffer(5)], [0.9, 0.8])
+        assert writer.n_added == 0
+        writer.add_many([1], [ok], [0.9])
+    assert writer.n_added == 1
+
+
 # ----------------------------------------------------------------- chunk-wise = one-shot
 
 

@@ -117,8 +117,7 @@ class NucleiSink:
         first = self.label + 1
         self.geo.write({"id": first + i, "polygon_l0": p, "score": n.score, "measurements": m}
                        for i, (p, n, m) in enumerate(zip(polys, nuclei, rows)))
-        for i, n in enumerate(nuclei):
-            self.labels.add(first + i, n.polygon_l0, n.score)
+        self.labels.add_many(range(first, first + len(nuclei)), polys, [n.score for n in nuclei])
         self.label += len(nuclei)
         if polys:
             xy = shapely.get_coordinates(shapely.centroid(np.asarray(polys, dtype=object)))

@@ -50,13 +50,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+import shapely
 import zarr
 from zarr.codecs import BloscCodec
 
-from usnet_wsi.geometry import fill_polygons, pixel_span
+from usnet_wsi.geometry import fill_polygons
 from usnet_wsi.writers.atomic import AbortOnError, AtomicTarget, call_or_abort
 
 NGFF_VERSION = "0.5"
@@ -74,6 +75,13 @@ def pyramid_shapes(height: int, width: int, min_level_px: int = 1024) -> list[tu
         h, w = shapes[-1]
         shapes.append(((h + 1) // 2, (w + 1) // 2))
     return shapes
+
+
+def _spans(lo: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`geometry.pixel_span` of many (lo, hi) bounds, clipped to [0, size)."""
+    start = np.floor(lo - 0.5).astype(np.int64) + 1
+    end = np.ceil(hi - 0.5).astype(np.int64)
+    return np.maximum(start, 0), np.minimum(end, size)
 
 
 @dataclass
@@ -164,13 +172,15 @@ class _Table:
         self.rows: dict[str, list] = {name: [] for name in self.COLUMNS}
         self.n_rows = 0
 
-    def append(self, label: int, polygon_l0: Any, score: float) -> None:
-        c = polygon_l0.centroid
-        for name, value in (("id", label), ("centroid_x", c.x), ("centroid_y", c.y),
-                            ("bbox", polygon_l0.bounds), ("area_px", polygon_l0.area),
-                            ("score", score)):
-            self.rows[name].append(value)
-        self.n_rows += 1
+    def append(self, labels: np.ndarray, polygons: np.ndarray, bounds: np.ndarray,
+               scores: np.ndarray) -> None:
+        """Rows of many nuclei: ids, shapely polygons (object array), their (n, 4) bounds."""
+        xy = shapely.get_coordinates(shapely.centroid(polygons))
+        columns = {"id": labels, "centroid_x": xy[:, 0], "centroid_y": xy[:, 1], "bbox": bounds,
+                   "area_px": shapely.area(polygons), "score": scores}
+        for name, values in columns.items():
+            self.rows[name].extend(values.tolist())
+        self.n_rows += len(labels)
         if len(self.rows["id"]) >= self.chunk_rows:
             self.flush()
 
@@ -263,27 +273,40 @@ class LabelZarrWriter(AbortOnError):
 
     def add(self, label: int, polygon_l0: Any, score: float) -> None:
         """Queue one nucleus (label value >= 1, shapely polygon in level-0 px, score)."""
+        self.add_many([label], [polygon_l0], [score])
+
+    def add_many(self, labels: Sequence[int], polygons: Sequence[Any],
+                 scores: Sequence[float]) -> None:
+        """Queue many nuclei at once, in order: `add` of each, with the geometry of all of
+        them computed in a few vectorised calls."""
         if not self._open:
             raise ValueError(f"the label writer for {self.path} is closed")
-        if not 1 <= int(label) <= _MAX_LABEL:
-            raise ValueError(f"label must be in 1..{_MAX_LABEL}, got {label}")
-        if polygon_l0 is None or polygon_l0.is_empty:
-            raise ValueError(f"nucleus {label} has an empty polygon")
-        minx, miny, maxx, maxy = polygon_l0.bounds
-        row_start, row_end = pixel_span(miny, maxy)
-        row_start, row_end = max(row_start, 0), min(row_end, self.height_l0)
-        col_start, col_end = pixel_span(minx, maxx)
-        col_start, col_end = max(col_start, 0), min(col_end, self.width_l0)
-        if row_start < row_end and row_start < self.rows_done:
+        ids = np.asarray(labels, dtype=np.int64).reshape(-1)
+        geoms = np.empty(len(ids), dtype=object)
+        geoms[:] = list(polygons)
+        bad = np.flatnonzero((ids < 1) | (ids > _MAX_LABEL))
+        if len(bad):
+            raise ValueError(f"label must be in 1..{_MAX_LABEL}, got {ids[bad[0]]}")
+        empty = np.flatnonzero(shapely.is_missing(geoms) | shapely.is_empty(geoms))
+        if len(empty):
+            raise ValueError(f"nucleus {ids[empty[0]]} has an empty polygon")
+        bounds = shapely.bounds(geoms)
+        rows = _spans(bounds[:, 1], bounds[:, 3], self.height_l0)
+        cols = _spans(bounds[:, 0], bounds[:, 2], self.width_l0)
+        covers = (rows[0] < rows[1]) & (cols[0] < cols[1])
+        early = np.flatnonzero((rows[0] < rows[1]) & (rows[0] < self.rows_done))
+        if len(early):
+            k = early[0]
             raise ValueError(
-                f"nucleus {label} reaches pixel row {row_start}, but rows above "
+                f"nucleus {ids[k]} reaches pixel row {rows[0][k]}, but rows above "
                 f"{self.rows_done} were already declared complete and written"
             )
-        if row_start < row_end and col_start < col_end:
-            self._pending.append(_Pending(int(label), polygon_l0, row_start, row_end,
-                                          col_start, col_end))
-        self._guard(self._table.append, int(label), polygon_l0, float(score))
-        self.n_added += 1
+        for k in np.flatnonzero(covers).tolist():
+            self._pending.append(_Pending(int(ids[k]), geoms[k], int(rows[0][k]),
+                                          int(rows[1][k]), int(cols[0][k]), int(cols[1][k])))
+        self._guard(self._table.append, ids, geoms, bounds,
+                    np.asarray(scores, dtype=np.float64).reshape(-1))
+        self.n_added += len(ids)
 
     def complete_above(self, y_l0: float) -> None:
         """Promise: no nucleus added later reaches a pixel row above y_l0. Writes done bands."""
