@@ -13,7 +13,7 @@ from shapely.geometry import MultiPolygon, Point, Polygon, box
 from skimage.measure import label, points_in_poly
 
 from usnet_wsi.geometry import (fill_polygon, fill_polygons, largest_polygon, mask_to_polygon,
-                                pixel_span, polygon_to_mask, transform_polygon)
+                                pixel_span, pixel_spans, polygon_to_mask, transform_polygon)
 
 
 def _ellipse_mask(shape, cx, cy, ax, ay, angle=0.0):
@@ -221,6 +221,16 @@ def test_pixel_span_is_the_pixels_whose_centre_is_strictly_between(lo, size):
     expected = np.arange(-60, 90)[(centres > lo) & (centres < hi)]
     start, stop = pixel_span(lo, hi)
     assert list(range(max(start, -60), stop)) == expected.tolist()
+
+
+@settings(max_examples=50, deadline=None)
+@given(lo=st.lists(st.floats(-50, 50), min_size=1, max_size=20),
+       size=st.lists(st.floats(0, 30), min_size=20, max_size=20))
+def test_pixel_spans_are_pixel_span_of_each(lo, size):
+    hi = [a + b for a, b in zip(lo, size)]
+    starts, stops = pixel_spans(np.array(lo), np.array(hi))
+    assert list(zip(starts.tolist(), stops.tolist())) == [pixel_span(a, b)
+                                                          for a, b in zip(lo, hi)]
 
 
 def test_pixel_span_with_origin_and_stride():

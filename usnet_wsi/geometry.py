@@ -32,7 +32,7 @@ from skimage.measure import find_contours
 
 __all__ = [
     "fill_polygon", "fill_polygons", "largest_polygon", "mask_to_polygon", "pixel_span",
-    "polygon_from_rings", "polygon_to_mask", "transform_polygon",
+    "pixel_spans", "polygon_from_rings", "polygon_to_mask", "transform_polygon",
 ]
 
 CoordFn = Callable[[np.ndarray], np.ndarray]
@@ -121,6 +121,12 @@ def pixel_span(lo: float, hi: float, origin: float = 0.0, stride: int = 1) -> tu
     strictly between lo and hi (e.g. the rows a polygon with y-bounds lo, hi can cover)."""
     s = int(stride)
     return (math.floor((lo - origin - 0.5) / s) + 1, math.ceil((hi - origin - 0.5) / s))
+
+
+def pixel_spans(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`pixel_span` (origin 0, stride 1) of many (lo, hi) pairs at once: int64 starts, ends."""
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    return np.floor(lo - 0.5).astype(np.int64) + 1, np.ceil(hi - 0.5).astype(np.int64)
 
 
 def fill_polygon(out: np.ndarray, poly: shapely.Geometry | None, value: Any = True,

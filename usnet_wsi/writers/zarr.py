@@ -57,7 +57,7 @@ import shapely
 import zarr
 from zarr.codecs import BloscCodec
 
-from usnet_wsi.geometry import fill_polygons
+from usnet_wsi.geometry import fill_polygons, pixel_spans
 from usnet_wsi.writers.atomic import AbortOnError, AtomicTarget, call_or_abort
 
 NGFF_VERSION = "0.5"
@@ -78,9 +78,8 @@ def pyramid_shapes(height: int, width: int, min_level_px: int = 1024) -> list[tu
 
 
 def _spans(lo: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """`geometry.pixel_span` of many (lo, hi) bounds, clipped to [0, size)."""
-    start = np.floor(lo - 0.5).astype(np.int64) + 1
-    end = np.ceil(hi - 0.5).astype(np.int64)
+    """The pixels (start, end) each polygon's bounds lo..hi can cover, clipped to [0, size)."""
+    start, end = pixel_spans(lo, hi)
     return np.maximum(start, 0), np.minimum(end, size)
 
 
