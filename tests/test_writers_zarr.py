@@ -194,6 +194,28 @@ def test_error_inside_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_chunk_write_is_reported_and_leaves_nothing(tmp_path, monkeypatch):
+    """Chunks are stored by the writer's own thread: a disk error there reaches the caller as
+    an OutputError naming the store (at a later band or at close), and the store is removed."""
+    import errno
+
+    import usnet_wsi.writers.zarr as zarr_writer
+    from usnet_wsi.errors import OutputError
+    real, stored = zarr_writer._store_region, []
+
+    def failing(item):
+        if stored:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        stored.append(item[1:3])
+        real(item)
+
+    monkeypatch.setattr(zarr_writer, "_store_region", failing)
+    nuclei = _nuclei(seed=8, n=40)
+    with pytest.raises(OutputError, match="s.zarr"):
+        _write(tmp_path / "s.zarr", nuclei, chunk_px=16, band_every=5)
+    assert len(stored) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_rewrite_replaces_an_existing_store(tmp_path):
     _write(tmp_path / "s.zarr", _nuclei(seed=4))
     nuclei = _nuclei(seed=5, n=10)

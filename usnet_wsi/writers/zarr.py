@@ -36,9 +36,13 @@ rows (`band_chunks` chunk rows) lying wholly above is then written, one chunk co
   no larger than that chunk and written, as a partial-chunk region that zarr merges into the
   stored chunk, once the band moves on to the next level-k chunk column.
 
-Memory: one level-0 chunk, at most one band-high buffer of a chunk's width per level, the
-chunks zarr holds while encoding, and the pending nuclei (those of the current band, about
-1.3 KiB each). No array grows with the slide's width or height; an empty region costs nothing.
+The regions are encoded and stored by one writer thread of the label writer, in the order they
+are handed over (a level-k chunk written from two bands is merged in order), while the caller
+goes on rasterising, merging and writing GeoJSON; `close()` waits for them.
+
+Memory: one level-0 chunk, at most one band-high buffer of a chunk's width per level, up to
+`_QUEUED_REGIONS` regions waiting for the writer thread, the chunks zarr holds while encoding,
+and the pending nuclei (those of the current band, about 1.3 KiB each). No array grows with the slide's width or height; an empty region costs nothing.
 A level-k chunk is written once per band it overlaps, so with one chunk row per band the
 pyramid adds 50-100 % to the CPU time of level 0 on a densely covered slide;
 `band_chunks=2` writes level-1 chunks whole and saves 10-25 % of the writer's CPU time, but
@@ -50,7 +54,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import shapely
@@ -59,6 +63,7 @@ from zarr.codecs import BloscCodec
 
 from usnet_wsi.geometry import fill_polygons, pixel_spans
 from usnet_wsi.writers.atomic import AbortOnError, AtomicTarget, call_or_abort
+from usnet_wsi.writers.background import BackgroundWriter
 
 NGFF_VERSION = "0.5"
 LABEL_NAME = "nuclei"
@@ -93,6 +98,15 @@ class _Pending:
     col_end: int
 
 
+_QUEUED_REGIONS = 4   # label regions waiting for the writer thread (each at most one chunk)
+
+
+def _store_region(item: tuple[Any, int, int, np.ndarray]) -> None:
+    """Write one region of a label array (run by the writer thread)."""
+    array, top, left, data = item
+    array[top : top + data.shape[0], left : left + data.shape[1]] = data
+
+
 class _LevelSink:
     """Builds pyramid level k (k >= 1) from the level-0 chunks of a band, column by column.
 
@@ -103,9 +117,11 @@ class _LevelSink:
     the band overlaps, never the level's width.
     """
 
-    def __init__(self, array: Any, stride: int) -> None:
+    def __init__(self, array: Any, stride: int,
+                 store: Callable[[tuple[Any, int, int, np.ndarray]], None]) -> None:
         self.array = array
         self.stride = stride
+        self.store = store            # hands a region (array, top, left, data) to the writer
         self.rows = (0, 0)  # level-k rows sampled from the current band
         self.buffers: dict[tuple[int, int], tuple[int, int, np.ndarray]] = {}
 
@@ -136,7 +152,7 @@ class _LevelSink:
         for key in sorted(self.buffers):
             if before_column is None or key[1] < before_column:
                 top, left, buffer = self.buffers.pop(key)
-                self.array[top : top + buffer.shape[0], left : left + buffer.shape[1]] = buffer
+                self.store((self.array, top, left, buffer))
 
 
 def _multiscales(shapes: list[tuple[int, int]], mpp_x: float, mpp_y: float) -> list[dict]:
@@ -225,6 +241,7 @@ class LabelZarrWriter(AbortOnError):
         self.rows_done = 0  # every pixel row above this one is written
         self.n_added = 0
         self._pending: list[_Pending] = []
+        self._regions: BackgroundWriter | None = None    # started once the store exists
         self._target = AtomicTarget(self.path)
         self._open = True
         self._guard(self._create, int(chunk_px), int(table_chunk), float(mpp_x), float(mpp_y),
@@ -246,11 +263,14 @@ class LabelZarrWriter(AbortOnError):
         labels = root.create_group(f"labels/{LABEL_NAME}", attributes={"ome": ome})
         self._chunk = chunk_px
         self._level0 = self._level_array(labels, 0, self.shapes[0], chunk_px)
-        self._sinks = [_LevelSink(self._level_array(labels, k, shape, chunk_px), 2**k)
-                       for k, shape in enumerate(self.shapes) if k > 0]
         table_attrs = {"usnet_wsi": {"label_image": f"labels/{LABEL_NAME}",
                                      "frame": "level-0 pixels", "rows": "one per nucleus"}}
         self._table = _Table(root.create_group(TABLE_PATH, attributes=table_attrs), table_chunk)
+        levels = [self._level_array(labels, k, shape, chunk_px)
+                  for k, shape in enumerate(self.shapes) if k > 0]
+        self._regions = BackgroundWriter(_store_region, _QUEUED_REGIONS, name="usnet-zarr")
+        self._sinks = [_LevelSink(array, 2**(k + 1), self._regions.put)
+                       for k, array in enumerate(levels)]
 
     @staticmethod
     def _level_array(group: Any, k: int, shape: tuple[int, int], chunk_px: int) -> Any:
@@ -347,7 +367,7 @@ class LabelZarrWriter(AbortOnError):
         fill_polygons(raster, [it.polygon for it in items], [it.label for it in items],
                       origin_xy=(x0, y0))
         if raster.any():  # else zarr's fill value 0 already says so
-            self._level0[y0:y1, x0 : x0 + raster.shape[1]] = raster
+            self._regions.put((self._level0, y0, x0, raster))
             for sink in self._sinks:
                 sink.push(raster, y0, x0)
 
@@ -359,6 +379,7 @@ class LabelZarrWriter(AbortOnError):
 
     def _finish(self) -> None:
         self._flush_bands(self.height_l0)
+        self._regions.close()             # every region stored (or the writer's error raised)
         self._table.flush()
         self._pending = []
         self._open = False
@@ -368,5 +389,7 @@ class LabelZarrWriter(AbortOnError):
         """Remove the temporary store; the final path is untouched."""
         self._open = False
         self._pending = []
+        if self._regions is not None:
+            self._regions.abort()         # stops after the region in progress
         self._target.abort()
 
