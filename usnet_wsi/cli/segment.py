@@ -116,7 +116,8 @@ def _remove_if_empty(folder: Path) -> None:
               help="Tiles per model batch (a CPU runs it in parts of about 1.2 megapixels, "
                    "e.g. 4 tiles of 556 px; the output does not depend on it).")
 @click.option("--workers", type=int, default=None,
-              help="Worker processes for the CPU stage (nucleus outlines, stain measurements) "
+              help="Worker processes for the CPU stage (painting the refined masks, nucleus "
+                   "outlines, stain measurements) "
                    "while the model runs, plus one process that merges and writes the "
                    "outputs; 0 = all in the main process (merging and writing in a thread). "
                    "Default: 0 on machines of 2 cores or fewer, else cores - 2 (at most 4). "
