@@ -335,23 +335,28 @@ def journaled_results(slide: RegionReader, plan: TilePlan, predictor: "Predictor
 
 class MergingStage:
     """Tile results in plan order -> merged steps: the Merger, and after each tile the row
-    above which every nucleus is final. Counts the final nuclei."""
+    above which every nucleus is final. Counts the final nuclei and the seconds spent."""
 
     def __init__(self, plan: TilePlan, iou_threshold: float) -> None:
         self.merger = Merger(plan, iou_threshold=iou_threshold)
         self.row_top = {t.row: t.read_l0[1] for t in plan.tiles}
         self.nuclei = 0
+        self.seconds = 0.0
 
     def add(self, res: TileResult) -> MergedStep:
+        t0 = time.perf_counter()
         final = self.merger.add(res.tile, res.nuclei)
         self.nuclei += len(final)
         # later nuclei come from rows still pending in the merger or from this row onwards
         horizon = min(self.row_top[r] for r in self.merger.pending_rows + [res.tile.row])
+        self.seconds += time.perf_counter() - t0
         return MergedStep(final, float(horizon))
 
     def flush(self) -> MergedStep:
+        t0 = time.perf_counter()
         final = self.merger.flush()
         self.nuclei += len(final)
+        self.seconds += time.perf_counter() - t0
         return MergedStep(final, math.inf)
 
     @property
@@ -368,19 +373,18 @@ def merged_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",
     times = times if times is not None else StageTimes()
     counts = counts if counts is not None else EngineCounts()
     merging = MergingStage(plan, settings.iou_threshold)
-    with closing(tile_results(slide, plan, predictor, settings, times)) as results:
-        for res in results:
-            t0 = time.perf_counter()
-            step = merging.add(res)
-            times.add("merge", time.perf_counter() - t0)
-            counts.add(res)
-            counts.nuclei = merging.nuclei
-            yield step
-    t0 = time.perf_counter()
-    step = merging.flush()
-    times.add("merge", time.perf_counter() - t0)
-    counts.nuclei, counts.merge = merging.nuclei, merging.stats
-    yield step
+    try:
+        with closing(tile_results(slide, plan, predictor, settings, times)) as results:
+            for res in results:
+                step = merging.add(res)
+                counts.add(res)
+                counts.nuclei = merging.nuclei
+                yield step
+        step = merging.flush()
+        counts.nuclei, counts.merge = merging.nuclei, merging.stats
+        yield step
+    finally:
+        times.add("merge", merging.seconds)
 
 
 def segment_nuclei(slide: RegionReader, plan: TilePlan, predictor: "Predictor",

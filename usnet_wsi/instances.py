@@ -34,7 +34,8 @@ from usnet_wsi.model.bundle import Thresholds
 from usnet_wsi.model.inference import compute_dtype
 from usnet_wsi.model.refine import context_boxes, crop_resize, paste_masks
 from usnet_wsi.model.usnet import USNet, USNetOutput
-from usnet_wsi.painting import MaskPixels, UnpaintedBatch, paint_batch, split_by_tile
+from usnet_wsi.painting import (MaskPixels, TileMasks, UnpaintedBatch, paint_batch,
+                                split_by_tile)
 
 # Detections whose box centre lies this many tile pixels outside the tile's `region` are not
 # refined (the refined mask's centroid, which decides ownership, sits near the box centre).
@@ -115,9 +116,9 @@ def paint_masks(masks: Sequence[np.ndarray], origins: Sequence[tuple[int, int]],
     pixels = MaskPixels(np.concatenate(owners or [np.zeros(0, np.int64)]),
                         np.concatenate(flats or [np.zeros(0, np.int64)]), np.ones(n, np.int64),
                         np.ones(n, bool), np.zeros(n, np.int64))
-    labels, kept = paint_batch(pixels, 1, size)
     sorted_scores = np.array([float(scores[i]) for i in order], np.float32)
-    return TileInstances(labels[0], sorted_scores[kept], len(masks))
+    labels, kept_scores = TileMasks(pixels, sorted_scores, size).paint()
+    return TileInstances(labels, kept_scores, len(masks))
 
 
 # ----------------------------------------------------------------------------- the flow

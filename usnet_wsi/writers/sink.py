@@ -87,7 +87,6 @@ class NucleiSink:
     def __init__(self, spec: SinkSpec) -> None:
         self.spec = spec
         self.merging = MergingStage(spec.plan, spec.iou_threshold)
-        self.merge_s = 0.0
         self.geo = GeoJSONWriter(spec.geojson, spec.geojson_gz, spec.fingerprint)
         try:
             self.labels = LabelZarrWriter(spec.zarr, spec.width, spec.height, spec.mpp_x,
@@ -101,10 +100,7 @@ class NucleiSink:
 
     def consume(self, result: TileResult) -> None:
         """The next tile's result in plan order."""
-        t0 = time.perf_counter()
-        step = self.merging.add(result)
-        self.merge_s += time.perf_counter() - t0
-        self._write(step)
+        self._write(self.merging.add(result))
 
     def _write(self, step: MergedStep) -> None:
         """Final nuclei, and the row above which all is final."""
@@ -139,10 +135,7 @@ class NucleiSink:
     def close(self) -> SinkSummary:
         """Merge and write the last nuclei and finish both files."""
         try:
-            t0 = time.perf_counter()
-            step = self.merging.flush()
-            self.merge_s += time.perf_counter() - t0
-            self._write(step)
+            self._write(self.merging.flush())
             self.labels.close()
             self.geo.close()
         except BaseException:
@@ -150,7 +143,7 @@ class NucleiSink:
             raise
         xy = np.frombuffer(self.centroids, dtype=np.float64).reshape(-1, 2).copy()
         return SinkSummary(self.merging.nuclei, self.merging.stats, self.geo.n_written,
-                           self.geo.n_skipped, xy, self.merge_s, self.write_s)
+                           self.geo.n_skipped, xy, self.merging.seconds, self.write_s)
 
     def abort(self) -> None:
         """Remove what was written."""

@@ -301,8 +301,7 @@ class LabelZarrWriter(AbortOnError):
         if not self._open:
             raise ValueError(f"the label writer for {self.path} is closed")
         ids = np.asarray(labels, dtype=np.int64).reshape(-1)
-        geoms = np.empty(len(ids), dtype=object)
-        geoms[:] = list(polygons)
+        geoms = np.asarray(list(polygons), dtype=object).reshape(-1)
         bad = np.flatnonzero((ids < 1) | (ids > _MAX_LABEL))
         if len(bad):
             raise ValueError(f"label must be in 1..{_MAX_LABEL}, got {ids[bad[0]]}")
