@@ -19,7 +19,7 @@ from usnet_wsi.instances import (InstanceBatch, _cut_off, _refine_on_cpu, batch_
                                  mask_quality, paint_masks)
 from usnet_wsi.model.bundle import Thresholds
 from usnet_wsi.model.refine import (RefineNet, context_boxes, crop_resize, paste_mask,
-                                    paste_masks)
+                                    paste_masks, sample_crops)
 from usnet_wsi.model.spec import recipe_spec
 from usnet_wsi.model.usnet import USNet
 from usnet_wsi.predict import ModelPredictor, predict_image
@@ -117,6 +117,31 @@ def test_crop_resize_gives_the_same_samples_however_the_crops_are_grouped() -> N
     src = imgs.clone().requires_grad_(True)
     crop_resize(src, image, crops, 48).sum().backward()
     assert src.grad[0].abs().sum() > 0 and src.grad[1].abs().sum() == 0
+
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_sample_crops_gives_the_crops_of_crop_resize_in_the_refiners_layout(split: int) -> None:
+    """The inference sampler, from separate maps in either layout, cut into any number of
+    parts per image, gives exactly crop_resize's crops of the concatenated maps, converted
+    to the requested dtype, in channels-last layout and in the input order of the crops."""
+    g = torch.Generator().manual_seed(5)
+    rgb = torch.rand((3, 3, 64, 70), generator=g).contiguous(memory_format=torch.channels_last)
+    probs = torch.softmax(torch.randn((3, 3, 64, 70), generator=g), dim=1)
+    xy = torch.rand((41, 2), generator=g) * 50
+    crops = context_boxes(torch.cat([xy, xy + torch.rand((41, 2), generator=g) * 20 + 3], 1),
+                          1.5, 64)
+    image = torch.randint(0, 3, (41,), generator=g)
+    image[image == 1] = 0                                     # image 1 holds no crop
+    want = crop_resize(torch.cat([rgb, probs], 1), image, crops, 48)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = sample_crops([rgb, probs], image, crops, 48, dtype, split=split)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, want.to(dtype))
+    ordered = torch.argsort(image, stable=True)
+    assert torch.equal(sample_crops([rgb, probs], image[ordered], crops[ordered], 48,
+                                    torch.float32, split), want[ordered])
+    assert sample_crops([rgb], image[:0], crops[:0], 48, torch.float32).shape == (0, 3, 48, 48)
 
 
 def ellipse(h: int, w: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:

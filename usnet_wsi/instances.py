@@ -32,7 +32,7 @@ import torch
 from usnet_wsi.decode import Detections, detect
 from usnet_wsi.model.bundle import Thresholds
 from usnet_wsi.model.inference import compute_dtype
-from usnet_wsi.model.refine import context_boxes, crop_resize, paste_masks
+from usnet_wsi.model.refine import context_boxes, paste_masks, sample_crops
 from usnet_wsi.model.usnet import USNet, USNetOutput
 from usnet_wsi.painting import (MaskPixels, TileMasks, UnpaintedBatch, paint_batch,
                                 split_by_tile)
@@ -156,28 +156,21 @@ def _centre_in(dets: Detections, regions: torch.Tensor, margin: float) -> torch.
 def _refine(model: USNet, x: torch.Tensor, out: USNetOutput, image: torch.Tensor,
             crops: torch.Tensor) -> torch.Tensor:
     """48x48 logits (N, 48, 48) of the refiner for every crop, in one call."""
-    patches = crop_resize(_refiner_source(model, x, out), image, crops, model.spec.refine_size)
-    if x.is_contiguous(memory_format=torch.channels_last):
-        # one copy into the layout, and the dtype, that the refiner's first layer reads
-        patches = patches.to(dtype=compute_dtype(patches), memory_format=torch.channels_last)
-    if x.device.type != "cpu":
+    cpu = x.device.type == "cpu"
+    patches = sample_crops(_refiner_sources(model, x, out), image, crops,
+                           model.spec.refine_size, compute_dtype(x),
+                           split=torch.get_num_threads() if cpu else 1)
+    if not cpu:
         return model.refiner(patches)[:, 0].float()
     return _refine_on_cpu(model.refiner, patches)
 
 
-def _refiner_source(model: USNet, x: torch.Tensor, out: USNetOutput) -> torch.Tensor:
-    """The float32 images the refiner's crops are sampled from, in plain (N, C, H, W) layout,
-    which the sampler reads fastest: the RGB input, and in the default recipe the
-    segmentation probabilities after it (softmax in place over the copied logits)."""
+def _refiner_sources(model: USNet, x: torch.Tensor, out: USNetOutput) -> list[torch.Tensor]:
+    """The float32 maps the refiner's crops are sampled from, in the network's layout: the
+    RGB input, and in the default recipe the segmentation probabilities after it."""
     if model.spec.refine_inputs != "rgb+seg":
-        return x.float().contiguous()
-    b, c, h, w = x.shape
-    k = out.seg_logits.shape[1]
-    inp = torch.empty((b, c + k, h, w), dtype=torch.float32, device=x.device)
-    inp[:, :c] = x
-    inp[:, c:] = out.seg_logits
-    inp[:, c:] = model.seg_probs(inp[:, c:])
-    return inp
+        return [x.float()]
+    return [x.float(), model.seg_probs(out.seg_logits.float())]
 
 
 def _refine_on_cpu(refiner: torch.nn.Module, patches: torch.Tensor) -> torch.Tensor:

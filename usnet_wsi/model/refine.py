@@ -7,6 +7,8 @@ small U-Net of four convolution layers that returns the mask of the nucleus at t
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,12 +69,7 @@ def crop_resize(images: torch.Tensor, batch_index: torch.Tensor, crops: torch.Te
     if n == 0:
         return images.new_zeros((0, c, out, out))
     batch_index = batch_index.to(images.device).long()
-    t = (torch.arange(out, device=images.device, dtype=images.dtype) + 0.5) / out
-    crops = crops.to(images.device, images.dtype)
-    xs = crops[:, 0:1] + t[None] * (crops[:, 2:3] - crops[:, 0:1])      # (N, out) pixel coords
-    ys = crops[:, 1:2] + t[None] * (crops[:, 3:4] - crops[:, 1:2])
-    grid = torch.stack([(2 * xs / w - 1)[:, None, :].expand(-1, out, -1),
-                        (2 * ys / h - 1)[:, :, None].expand(-1, -1, out)], dim=-1)
+    grid = _crop_grid(crops, out, (h, w), images.dtype, images.device)
     counts = torch.bincount(batch_index, minlength=b)
     if n >= _CROPS_PER_CALL * b:
         return _sample_per_image(images, batch_index, counts, grid)
@@ -81,6 +78,74 @@ def crop_resize(images: torch.Tensor, batch_index: torch.Tensor, crops: torch.Te
 
 # Images holding at least this many crops on average are sampled one call each.
 _CROPS_PER_CALL = 8
+
+
+def _crop_grid(crops: torch.Tensor, out: int, hw: tuple[int, int], dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """(N, out, out, 2) grid_sample coordinates of the pixel-centre samples of each crop."""
+    h, w = hw
+    t = (torch.arange(out, device=device, dtype=dtype) + 0.5) / out
+    crops = crops.to(device, dtype)
+    xs = crops[:, 0:1] + t[None] * (crops[:, 2:3] - crops[:, 0:1])      # (N, out) pixel coords
+    ys = crops[:, 1:2] + t[None] * (crops[:, 3:4] - crops[:, 1:2])
+    return torch.stack([(2 * xs / w - 1)[:, None, :].expand(-1, out, -1),
+                        (2 * ys / h - 1)[:, :, None].expand(-1, -1, out)], dim=-1)
+
+
+@torch.no_grad()
+def sample_crops(sources: Sequence[torch.Tensor], batch_index: torch.Tensor,
+                 crops: torch.Tensor, out: int, dtype: torch.dtype, split: int = 1
+                 ) -> torch.Tensor:
+    """The refiner's input at inference: exactly the samples of
+    `crop_resize(torch.cat(sources, 1), batch_index, crops, out)`, written straight into one
+    (N, C, out, out) channels-last tensor of `dtype` (one conversion, no concatenated image,
+    no per-crop copies; `sources` are (B, C_j, H, W) float32 maps in any layout).
+
+    Each image's crops are sampled in one call, cut into `split` equal parts that form the
+    batch of that call (over the image expanded, not copied): the CPU sampler runs one thread
+    per batch item, so `split` = the CPU threads keeps them all busy. Every sample is computed
+    alike whatever the split, so the result does not depend on it."""
+    b, (h, w) = sources[0].shape[0], sources[0].shape[-2:]
+    channels = [s.shape[1] for s in sources]
+    dev = sources[0].device
+    patches = torch.empty((len(crops), sum(channels), out, out), dtype=dtype, device=dev,
+                          memory_format=torch.channels_last)
+    if len(crops) == 0:
+        return patches
+    batch_index = batch_index.to(dev).long()
+    grid = _crop_grid(crops, out, (h, w), sources[0].dtype, dev)
+    order = torch.argsort(batch_index, stable=True)
+    counts = torch.bincount(batch_index, minlength=b)
+    start = 0
+    for i, k in zip(torch.nonzero(counts).flatten().tolist(), counts[counts > 0].tolist()):
+        parts = _split_grid(grid[order[start:start + k]], split)
+        c0 = 0
+        for src, c in zip(sources, channels):
+            sampled = _sample(src[i:i + 1].expand(len(parts), -1, -1, -1), parts)
+            _unsplit(sampled, patches[start:start + k, c0:c0 + c])
+            c0 += c
+        start += k
+    if bool((order != torch.arange(len(order), device=dev)).any()):   # back to input order
+        patches = patches[torch.argsort(order)].contiguous(memory_format=torch.channels_last)
+    return patches
+
+
+def _split_grid(grid: torch.Tensor, parts: int) -> torch.Tensor:
+    """(K, out, out, 2) -> (parts, ceil(K / parts), out, out, 2), padded with points outside."""
+    k, per = grid.shape[0], -(-grid.shape[0] // parts)
+    if per * parts > k:
+        grid = torch.cat([grid, grid.new_full((per * parts - k, *grid.shape[1:]), -2.0)])
+    return grid.view(parts, per, *grid.shape[1:])
+
+
+def _unsplit(sampled: torch.Tensor, dest: torch.Tensor) -> None:
+    """Copy (parts, C, per * out, out) samples into `dest` (k, C, out, out), crops in grid
+    order (the padding at the end left out)."""
+    parts, c, rows, out = sampled.shape
+    per = rows // out
+    for p, first in enumerate(range(0, len(dest), per)):
+        n = min(per, len(dest) - first)
+        dest[first:first + n] = sampled[p].view(c, per, out, out)[:, :n].transpose(0, 1)
 
 
 def _sample(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
