@@ -201,3 +201,12 @@ def test_tiles_smaller_than_the_model_input_are_padded_not_stretched():
     assert rgb.shape == (300, 300, 3) and lab.shape == (300, 300)
     assert (lab > 0).sum() == (a.labels > 0).sum()      # every nucleus kept at its size
     assert (rgb[lab == 0] == 255).all(axis=1).sum() >= 300 * 300 - 256 * 256
+
+
+def test_the_model_card_names_the_device_the_model_trained_on(monkeypatch):
+    """A model trained on the CPU of a machine that also has a GPU: the card names the CPU."""
+    from usnet_wsi.training.card import hardware
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    assert hardware(torch.device("cpu")).endswith(f"{torch.get_num_threads()} threads")
+    assert hardware(torch.device("cuda", 1)) == "Some GPU"

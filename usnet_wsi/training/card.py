@@ -70,12 +70,19 @@ def data_text(info: dict[str, Any]) -> str:
             "Weights inherit the terms of all their training data.")
 
 
+def hardware(device: torch.device) -> str:
+    """What a run used: the GPU's name on CUDA, else the CPU and its threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
 def model_card(name: str, spec: ModelSpec, thr: Thresholds, metrics: dict[str, float],
-               state: Any, cfg: Any, info: dict[str, Any] | None) -> str:
+               state: Any, cfg: Any, info: dict[str, Any] | None,
+               device: torch.device = torch.device("cpu")) -> str:
+    """The bundle's MODEL_CARD.md; `device`: what the model was trained on."""
     info = info or {}
-    hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    if torch.cuda.is_available():
-        hw = torch.cuda.get_device_name(0)
+    hw = hardware(device)
     arith = "bf16 autocast" if cfg.precision == "bf16" else "fp32"
     val = ", ".join(info.get("validation_images", [])) or "none"
     mtxt = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (none) | |"

@@ -278,7 +278,7 @@ def _save(cfg, model, thr, state, metrics, card_info) -> None:
     extra = {"validation_metrics": metrics, "train": train_cfg, "history": state.history,
              **_inherited(cfg), **(card_info or {})}
     card = model_card(cfg.name, model.spec, thr, metrics, state, cfg,
-                      {**(card_info or {}), **_inherited(cfg)})
+                      {**(card_info or {}), **_inherited(cfg)}, next(model.parameters()).device)
     save_bundle(cfg.out, cfg.name, model, model.spec, thr, card, extra)
 
 
