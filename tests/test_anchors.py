@@ -128,3 +128,22 @@ def test_outputs_for_another_tile_size_are_refused():
     logits, loc = torch.zeros(1, small.shape[0]), torch.zeros(1, small.shape[0], 4)
     with pytest.raises(ValueError, match="another tile size"):
         detect(logits, loc, anchors, 0.5, 0.4, 100, 128)
+
+
+def test_equal_scores_are_taken_in_anchor_order():
+    """Scores of a low-precision network tie often; among equal scores the candidate with the
+    lower anchor index comes first (and wins the greedy NMS), whatever order the anchors'
+    scores are given in: the result is that of the greedy loop over (score desc, index)."""
+    from usnet_wsi.decode import detect
+    anchors = make_anchors(ModelSpec(input_size=128))
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randint(0, 4, (1, anchors.shape[0]), generator=g).float()  # 4 levels: ties
+    loc = torch.randn(1, anchors.shape[0], 4, generator=g) * 0.3
+    dets = detect(logits, loc, anchors, 0.6, 0.4, 10_000, 128)
+    scores = torch.sigmoid(logits[0])
+    boxes = decode(loc[0], anchors).clamp(0, 128)
+    ok = (scores >= 0.6) & ((boxes[:, 2:] - boxes[:, :2]) > 2).all(1)
+    cand = torch.nonzero(ok).flatten()                       # ascending anchor index
+    order = cand[torch.argsort(scores[cand], descending=True, stable=True)]
+    want = order[_greedy_reference(boxes[order], torch.arange(len(order), 0, -1).float(), 0.4)]
+    assert len(want) > 5 and torch.equal(dets.boxes, boxes[want])

@@ -465,15 +465,58 @@ def test_the_device_thread_leaves_painting_to_the_cpu_stage(monkeypatch, workers
 
 @pytest.mark.parametrize("n", range(1, 20))
 def test_batch_parts_cover_the_batch_without_lone_tiles(n: int) -> None:
-    from usnet_wsi.predict import batch_parts
+    from usnet_wsi.predict import CUDA_PART_TILES, batch_parts
     for tile_px, device in ((556, "cpu"), (300, "cpu"), (1024, "cpu"), (556, "cuda")):
         parts = batch_parts(n, tile_px, device)
         assert parts[0].start == 0 and parts[-1].stop == n
         assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
         sizes = [p.stop - p.start for p in parts]
+        if device == "cuda":        # fixed parts, the last one padded by the predictor
+            assert all(s == CUDA_PART_TILES for s in sizes[:-1]) and sizes[-1] <= CUDA_PART_TILES
+            continue
         assert max(sizes) - min(sizes) <= 1 and (n == 1 or min(sizes) >= 2)
-        per = n if device == "cuda" else max(2, 4 * 556 * 556 // tile_px ** 2)
+        per = max(2, 4 * 556 * 556 // tile_px ** 2)
         assert max(sizes) <= per + 1          # one more where a lone tile was avoided
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 11])
+def test_the_gpus_fixed_shapes_give_the_batchs_own_results(monkeypatch, n: int) -> None:
+    """The GPU policy, run on the CPU (whose results do not depend on the batch shape): parts
+    of CUDA_PART_TILES tiles, the last padded with copies of its last tile, and the refiner's
+    crops in padded chunks of one size, give the results of the batch run as it is."""
+    import usnet_wsi.instances as instances
+    import usnet_wsi.predict as predict_module
+    model = tiny_model(seed=3, input_size=128, halo_px=16)
+    pred = ModelPredictor(model, Thresholds(score=0.0, top_k=40, max_edge_fraction=1.0),
+                          torch.device("cpu"))
+    tiles = random_tiles(n, 128, seed=6)
+    regions = np.tile(np.array([[8, 8, 120, 120]], np.float32), (n, 1))
+    whole = pred.predict(tiles, None, regions, paint=False)
+    calls: list[tuple[int, int]] = []
+    real_predict = ModelPredictor._predict
+
+    def on_gpu_policy(self, part, reg, paint):
+        calls.append((len(part), self.part_tiles(len(part))))
+        return real_predict(self, part, reg, paint)
+
+    monkeypatch.setattr(ModelPredictor, "_predict", on_gpu_policy)
+    monkeypatch.setattr(ModelPredictor, "part_tiles",
+                        lambda self, k: predict_module.CUDA_PART_TILES)
+    real_parts = predict_module.batch_parts
+    monkeypatch.setattr(predict_module, "batch_parts", lambda k, px, dev: real_parts(k, px, "cuda"))
+    monkeypatch.setattr(instances, "_refine_on_cpu",
+                        lambda refiner, p: instances._refine_fixed_chunks(refiner, p, 16))
+    fixed = pred.predict(tiles, None, regions, paint=False)
+    part = predict_module.CUDA_PART_TILES
+    assert [c[1] for c in calls] == [part] * len(calls) and sum(c[0] for c in calls) == n
+    assert [c[0] for c in calls] == [min(part, n - a) for a in range(0, n, part)]
+    assert len(fixed) == n
+    np.testing.assert_array_equal(fixed.detected, whole.detected)
+    for a, b in zip(fixed.tiles, whole.tiles):
+        (la, sa), (lb, sb) = a.paint(), b.paint()
+        np.testing.assert_array_equal(la, lb)
+        np.testing.assert_array_equal(sa, sb)
+    assert sum(len(t.paint()[1]) for t in whole.tiles) >= 2 * n
 
 
 def test_cut_off_masks_are_flagged() -> None:

@@ -89,7 +89,7 @@ def detect(conf_logits: torch.Tensor, loc: torch.Tensor, anchors: torch.Tensor,
         raise ValueError(f"{conf_logits.shape[1]} network outputs per image for "
                          f"{anchors.shape[0]} anchors: the anchors are for another tile size")
     scores = torch.sigmoid(conf_logits.float())
-    top, idx = scores.topk(min(top_k, scores.shape[1]), dim=1)         # sorted, per image
+    top, idx = _top_candidates(scores, min(top_k, scores.shape[1]))
     k = max(int((top >= score_threshold).sum(dim=1).max()), 1)
     top, idx = top[:, :k], idx[:, :k]
     boxes = decode(torch.gather(loc.float(), 1, idx[..., None].expand(-1, -1, 4)), anchors[idx])
@@ -104,6 +104,17 @@ def detect(conf_logits: torch.Tensor, loc: torch.Tensor, anchors: torch.Tensor,
         keep = greedy_keep(over) & valid
     img, rank = torch.nonzero(keep, as_tuple=True)
     return Detections(boxes[img, rank], top[img, rank], img)
+
+
+def _top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image (row) the k best scores and their anchors, by score descending and, among
+    equal scores, by anchor index: `topk` leaves the order of ties to the kernel (and a GPU's
+    kernel may change with the batch shape), and the greedy NMS that follows depends on it."""
+    top, idx = scores.topk(k, dim=1)
+    idx, by_anchor = idx.sort(dim=1)
+    top = top.gather(1, by_anchor)
+    order = torch.argsort(top, dim=1, descending=True, stable=True)
+    return top.gather(1, order), idx.gather(1, order)
 
 
 def _nms_sorted_cpu(boxes: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -42,6 +42,7 @@ from usnet_wsi.painting import (MaskPixels, TileMasks, UnpaintedBatch, paint_bat
 REGION_MARGIN_PX = 6.0
 _PASTE_CHUNK = 128        # masks pasted per chunk (sorted by size: similar window sides)
 _REFINE_CHUNK_CPU = 64    # crops per refiner call on the CPU
+_REFINE_CHUNK_GPU = 256   # crops per refiner call on a GPU (always this many: padded)
 SCORE_DECIMALS = 5        # scores are rounded so that they do not depend on the batch size
 
 
@@ -161,7 +162,7 @@ def _refine(model: USNet, x: torch.Tensor, out: USNetOutput, image: torch.Tensor
                            model.spec.refine_size, compute_dtype(x),
                            split=torch.get_num_threads() if cpu else 1)
     if not cpu:
-        return model.refiner(patches)[:, 0].float()
+        return _refine_fixed_chunks(model.refiner, patches, _REFINE_CHUNK_GPU)
     return _refine_on_cpu(model.refiner, patches)
 
 
@@ -184,6 +185,20 @@ def _refine_on_cpu(refiner: torch.nn.Module, patches: torch.Tensor) -> torch.Ten
     if len(chunks[-1]) == 1:
         chunks[-2:] = [torch.cat(chunks[-2:])]
     return torch.cat([refiner(c)[:, 0].float() for c in chunks])
+
+
+def _refine_fixed_chunks(refiner: torch.nn.Module, patches: torch.Tensor,
+                         chunk: int) -> torch.Tensor:
+    """The refiner over chunks of exactly `chunk` crops, the last one padded with zeros: every
+    call has the same shape, so the convolution algorithms a GPU picks by shape, and with
+    them each crop's logits, do not depend on how many crops a batch has."""
+    n = len(patches)
+    padded = patches.new_zeros((-(-n // chunk) * chunk, *patches.shape[1:])).contiguous(
+        memory_format=torch.channels_last)
+    padded[:n] = patches
+    out = [refiner(c)[:, 0].float() for c in padded.split(chunk)]
+    return torch.cat(out)[:n] if out else patches.new_zeros((0, *patches.shape[-2:]),
+                                                            dtype=torch.float32)
 
 
 def mask_quality(logits: torch.Tensor) -> torch.Tensor:

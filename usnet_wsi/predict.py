@@ -35,11 +35,20 @@ __all__ = ["InstanceBatch", "Predictor", "BundlePredictor", "ModelPredictor", "l
 # reused from the heap, not mapped and page-faulted afresh for every batch.
 CPU_PART_PX = 4 * 556 * 556
 
+# On a GPU every call of the network has one shape: a batch runs in parts of this many tiles,
+# the last one padded with copies of its last tile (and the refiner's crops go in chunks of
+# one size: `usnet_wsi.instances`). The GPU's convolution algorithms are chosen by shape, so
+# a tile's result then depends neither on `--batch-size` nor on the tiles beside it.
+CUDA_PART_TILES = 8
+
 
 def batch_parts(n: int, tile_px: int, device_type: str) -> list[slice]:
-    """The parts of a batch of n tiles that run together (see CPU_PART_PX): nearly equal, and
-    none of a single tile where n > 1 (a lone tile costs a batch of two)."""
-    per = n if device_type != "cpu" else max(2, CPU_PART_PX // (tile_px * tile_px))
+    """The parts of a batch of n tiles that run together. On a CPU (see CPU_PART_PX): nearly
+    equal, and none of a single tile where n > 1 (a lone tile costs a batch of two); on a GPU
+    (see CUDA_PART_TILES): CUDA_PART_TILES tiles each, the last one fewer."""
+    if device_type != "cpu":
+        return [slice(a, min(a + CUDA_PART_TILES, n)) for a in range(0, n, CUDA_PART_TILES)]
+    per = max(2, CPU_PART_PX // (tile_px * tile_px))
     k = max(1, math.ceil(n / per))
     if k > 1 and n // k < 2:
         k -= 1
@@ -163,11 +172,13 @@ class ModelPredictor:
 
     def _predict(self, tiles: np.ndarray, regions: np.ndarray | None,
                  paint: bool) -> InstanceBatch | UnpaintedBatch:
-        """One part of a batch: the network, then the instance step."""
+        """One part of a batch: the network, then the instance step, on a batch of the
+        part's fixed size (see `part_tiles`)."""
         n = len(tiles)
-        if n == 1:
-            tiles = np.concatenate([tiles, tiles])
-            regions = None if regions is None else np.concatenate([regions, regions])
+        size = self.part_tiles(n)
+        if size > n:
+            tiles = _pad_with_last(tiles, size)
+            regions = None if regions is None else _pad_with_last(regions, size)
         rgb = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.torch_device)
         x = self.model.normalise(rgb)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -176,14 +187,26 @@ class ModelPredictor:
         reg = None if regions is None else torch.as_tensor(regions, device=self.torch_device)
         found = batch_instances(self.model, x, out, self.anchors, self.thresholds, reg,
                                 self.autocast, paint)
-        return found if n > 1 else _first(found)
+        return found if size == n else _head(found, n)
+
+    def part_tiles(self, n: int) -> int:
+        """The batch size a part of n tiles runs at: on a CPU n, but two for a lone tile (the
+        channels-last CPU kernels give the same numbers for any batch of two or more); on a
+        GPU always CUDA_PART_TILES (one shape for every call)."""
+        return max(n, 2) if self.torch_device.type == "cpu" else CUDA_PART_TILES
 
 
-def _first(batch: InstanceBatch | UnpaintedBatch) -> InstanceBatch | UnpaintedBatch:
+def _pad_with_last(a: np.ndarray, size: int) -> np.ndarray:
+    """`a` followed by copies of its last row, `size` rows in all."""
+    return np.concatenate([a, np.repeat(a[-1:], size - len(a), axis=0)])
+
+
+def _head(batch: InstanceBatch | UnpaintedBatch, n: int) -> InstanceBatch | UnpaintedBatch:
+    """The results of the first n tiles (the rest were padding)."""
     if isinstance(batch, UnpaintedBatch):
-        return UnpaintedBatch(batch.tiles[:1])
-    return InstanceBatch(batch.labels[:1], batch.scores[:1], batch.counts[:1],
-                         batch.detected[:1])
+        return UnpaintedBatch(batch.tiles[:n])
+    return InstanceBatch(batch.labels[:n], batch.scores[:n], batch.counts[:n],
+                         batch.detected[:n])
 
 
 class BundlePredictor(ModelPredictor):
