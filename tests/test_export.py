@@ -51,9 +51,10 @@ def reference(bundle: Bundle, images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def post_process(det_probs: torch.Tensor, boxes: torch.Tensor, thr: float, top_k: int,
                  iou: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The documented recipe for exported outputs: threshold, top-k, drop thin boxes, NMS."""
-    cand = torch.nonzero(det_probs >= thr).flatten()
-    cand = cand[torch.topk(det_probs[cand], min(top_k, len(cand))).indices]
+    """The documented recipe for exported outputs: threshold, top-k (equal scores in anchor
+    order), drop thin boxes, NMS."""
+    cand = torch.nonzero(det_probs >= thr).flatten()                  # in anchor order
+    cand = cand[torch.argsort(det_probs[cand], descending=True, stable=True)[:top_k]]
     b, s = boxes[cand], det_probs[cand]
     ok = ((b[:, 2:] - b[:, :2]) > 2).all(dim=1)
     keep = nms(b[ok], s[ok], iou)

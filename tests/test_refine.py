@@ -638,3 +638,42 @@ def test_predict_image_is_the_same_when_the_workers_paint() -> None:
     workers, worker_scores = predict_image(pred, rgb, batch_size=3, workers=1)
     np.testing.assert_array_equal(workers, inline)
     assert worker_scores == inline_scores and len(set(inline_scores.values())) >= 2
+
+
+def test_seg_agreement_is_each_masks_mean_foreground_probability() -> None:
+    from usnet_wsi.instances import _agreement, _Masks
+    fg = torch.zeros((2, 4, 4))
+    fg[0, 0, :2] = torch.tensor([0.2, 0.6])
+    fg[1, 3, 3] = 0.9
+    # mask 0: pixels (0,0,0), (0,0,1); mask 1: pixel (1,3,3); mask 2: empty
+    owner = torch.tensor([0, 0, 1])
+    flat = torch.tensor([0, 1, 16 + 15])
+    masks = _Masks(owner, flat, torch.bincount(owner, minlength=3), torch.ones(3, dtype=bool))
+    assert torch.allclose(_agreement(masks, fg), torch.tensor([0.4, 0.9, 0.0], dtype=torch.double))
+
+
+def test_masks_the_segmentation_map_disagrees_with_are_dropped(monkeypatch) -> None:
+    """seg_agreement 1 drops every mask (a softmax foreground is below 1), a value below every
+    mask's agreement changes nothing, and the median agreement keeps fewer nuclei."""
+    import usnet_wsi.instances as instances
+    model = tiny_model(seed=3, input_size=128, halo_px=16)
+    tiles = random_tiles(3, 128, seed=6)
+    base = Thresholds(score=0.0, top_k=40, max_edge_fraction=1.0)
+    seen: list[torch.Tensor] = []
+    real = instances._agreement
+
+    def recorded(masks, foreground):
+        seen.append(real(masks, foreground))
+        return seen[-1]
+
+    monkeypatch.setattr(instances, "_agreement", recorded)
+
+    def found(agreement: float) -> InstanceBatch:
+        pred = ModelPredictor(model, replace(base, seg_agreement=agreement), torch.device("cpu"))
+        return pred.predict(tiles)
+
+    off, tiny, all_ = found(0.0), found(1e-9), found(1.0)
+    assert off.counts.sum() > 5 and all_.counts.sum() == 0
+    np.testing.assert_array_equal(tiny.labels, off.labels)
+    median = float(torch.cat(seen).median())
+    assert 0 < found(median).counts.sum() < off.counts.sum()

@@ -19,9 +19,12 @@ batch axes count different things (tiles, detections). Each carries the metadata
 ``usnet_wsi`` entry of its ``metadata_props``. Batch axes are dynamic.
 
 Post-processing stays outside the graphs, as in ``usnet_wsi.instances``: keep boxes with
-``det_probs >= thresholds.score``, top-k, NMS; grow each box by ``refine_context``
-(``context_boxes``), resample that crop of ``refine_input`` to 48x48 (``crop_resize``), run
-``refine``, resize the logits onto the crop and keep ``> 0`` (``paste_mask``).
+``det_probs >= thresholds.score``, top-k (equal scores in anchor order), greedy NMS in that
+order; grow each box by ``refine_context`` (``context_boxes``), resample that crop of
+``refine_input`` to 48x48 (``crop_resize``), run ``refine``, resize the logits onto the crop
+and keep ``> 0`` (``paste_mask``); drop masks whose mean foreground probability
+(``1 - seg_probs[:, 0]``, or ``seg_probs[:, 0]`` with one class) is below
+``thresholds.seg_agreement``; paint them best score first.
 """
 
 from __future__ import annotations

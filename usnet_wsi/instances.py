@@ -9,7 +9,8 @@ threshold tuning all go through it. One fixed flow of batched tensors, on the mo
 3. RoIAlign of every surviving box (scaled up for context) to 48x48, sampling each tile once;
 4. one call of the 48x48 refiner for the whole batch;
 5. all masks pasted back at once (bilinear, as `F.interpolate` to the crop size), masks cut off
-   by their crop border dropped;
+   by their crop border dropped, and (`seg_agreement`) masks whose pixels the segmentation map
+   does not call nucleus, on average;
 6. one device-to-host copy of the masks as pixel lists, with scores and minimum sizes;
 7. score-ordered painting of the whole batch in a few vectorised waves (`usnet_wsi.painting`):
    exactly as painting one mask after the other, best first, where each mask keeps the
@@ -140,11 +141,14 @@ def batch_instances(model: USNet, x: torch.Tensor, out: USNetOutput, anchors: to
     if regions is not None:
         dets = dets.select(_centre_in(dets, regions.to(x.device), REGION_MARGIN_PX))
     crops = context_boxes(dets.boxes, model.spec.refine_context, size)
+    probs = _seg_probs(model, out, thr)
     with autocast():
-        logits = _refine(model, x, out, dets.image, crops)
+        logits = _refine(model, x, probs, dets.image, crops)
     if thr.quality_weight > 0 or thr.final_score > 0:
         dets, logits, crops = _rerank(dets, logits, crops, thr)
     masks = _paste(logits, crops, dets.image, size, thr)
+    if thr.seg_agreement > 0:
+        masks.usable &= _agreement(masks, model.foreground(probs)) >= thr.seg_agreement
     return _to_host(masks, _need(masks.area, thr), dets, (b, size), detected, paint)
 
 
@@ -154,24 +158,26 @@ def _centre_in(dets: Detections, regions: torch.Tensor, margin: float) -> torch.
     return ((c >= r[:, :2] - margin) & (c < r[:, 2:] + margin)).all(dim=1)
 
 
-def _refine(model: USNet, x: torch.Tensor, out: USNetOutput, image: torch.Tensor,
+def _seg_probs(model: USNet, out: USNetOutput, thr: Thresholds) -> torch.Tensor | None:
+    """The float32 segmentation probabilities (B, C, H, W), in the network's layout, where
+    the refiner reads them (default recipe) or `seg_agreement` needs them."""
+    if model.spec.refine_inputs != "rgb+seg" and thr.seg_agreement <= 0:
+        return None
+    return model.seg_probs(out.seg_logits.float())
+
+
+def _refine(model: USNet, x: torch.Tensor, probs: torch.Tensor | None, image: torch.Tensor,
             crops: torch.Tensor) -> torch.Tensor:
-    """48x48 logits (N, 48, 48) of the refiner for every crop, in one call."""
+    """48x48 logits (N, 48, 48) of the refiner for every crop, in one call. Its crops are
+    sampled from the RGB input, and in the default recipe from the segmentation
+    probabilities after it."""
     cpu = x.device.type == "cpu"
-    patches = sample_crops(_refiner_sources(model, x, out), image, crops,
-                           model.spec.refine_size, compute_dtype(x),
+    sources = [x.float()] + ([probs] if model.spec.refine_inputs == "rgb+seg" else [])
+    patches = sample_crops(sources, image, crops, model.spec.refine_size, compute_dtype(x),
                            split=torch.get_num_threads() if cpu else 1)
     if not cpu:
         return _refine_fixed_chunks(model.refiner, patches, _REFINE_CHUNK_GPU)
     return _refine_on_cpu(model.refiner, patches)
-
-
-def _refiner_sources(model: USNet, x: torch.Tensor, out: USNetOutput) -> list[torch.Tensor]:
-    """The float32 maps the refiner's crops are sampled from, in the network's layout: the
-    RGB input, and in the default recipe the segmentation probabilities after it."""
-    if model.spec.refine_inputs != "rgb+seg":
-        return [x.float()]
-    return [x.float(), model.seg_probs(out.seg_logits.float())]
 
 
 def _refine_on_cpu(refiner: torch.nn.Module, patches: torch.Tensor) -> torch.Tensor:
@@ -274,6 +280,15 @@ def _cut_off(win: torch.Tensor, crops: torch.Tensor, size: int, max_fraction: fl
     length = torch.stack([w, w, h, h], dim=1)
     total = (inner * length).sum(1)
     return (total > 0) & ((on * inner).sum(1) > max_fraction * total)
+
+
+def _agreement(masks: _Masks, foreground: torch.Tensor) -> torch.Tensor:
+    """(N,) the mean segmentation foreground probability over each mask's pixels (0 for an
+    empty mask): ragged blobs on textured background, which the segmentation map does not
+    call nucleus, score low."""
+    fg = foreground.reshape(-1)[masks.flat].double()
+    total = torch.bincount(masks.owner, weights=fg, minlength=len(masks.area))
+    return total / masks.area.clamp_min(1)
 
 
 def _need(area: torch.Tensor, thr: Thresholds) -> torch.Tensor:

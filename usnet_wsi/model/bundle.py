@@ -39,10 +39,12 @@ class Thresholds:
     quality_weight: float = 0.0  # w: ranking score = detection^(1-w) * mask quality^w (0: off)
     final_score: float = 0.0     # nuclei whose ranking score is below this are dropped
     mask_threshold: float = 0.5  # refiner probability above which a pixel is in the nucleus
+    seg_agreement: float = 0.0   # masks whose mean segmentation foreground probability is
+                                 # below this are dropped (0: off)
 
     def __post_init__(self) -> None:
         for key in ("score", "nms", "rescue_prob", "keep_fraction", "max_edge_fraction",
-                    "quality_weight", "final_score", "mask_threshold"):
+                    "quality_weight", "final_score", "mask_threshold", "seg_agreement"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise WeightsError(f"threshold {key} = {v!r} must be a number in [0, 1]",

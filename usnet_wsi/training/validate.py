@@ -44,10 +44,12 @@ def tune_thresholds(model: USNet, data: list[Annotated], base: Thresholds, dev: 
                     report=None, tile_px: int | None = None
                     ) -> tuple[Thresholds, dict[str, float]]:
     """Coordinate search on validation AJI: detection score x NMS IoU, then the smallest
-    nucleus area. Returns the best thresholds and their validation metrics."""
+    nucleus area, then the agreement with the segmentation map. Returns the best thresholds
+    and their validation metrics."""
     best, best_m = base, validate(model, data, base, dev, tile_px=tile_px)
     grids = [[{"score": s, "nms": n} for s in (0.25, 0.35, 0.45, 0.55) for n in (0.3, 0.45)],
-             [{"min_area_px": a} for a in (12, 30, 50)]]
+             [{"min_area_px": a} for a in (12, 30, 50)],
+             [{"seg_agreement": a} for a in (0.0, 0.3, 0.45)]]
     for grid in grids:
         start = best
         for change in grid:
