@@ -140,8 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def bundle_config(weights: str | None) -> tuple[dict, Path | None]:
     """config.json of the bundle segment will use ({} when none is found)."""
-    if weights:
-        candidates = [Path(weights) / "config.json"]
+    if weights:          # a bundle folder, or the name of a bundle shipped in the package
+        candidates = [Path(weights) / "config.json"] + [
+            r / weights / "config.json" for r in (REPO / "weights", REPO / "usnet_wsi" / "weights")]
     else:
         roots = [REPO / "weights", REPO / "usnet_wsi" / "weights"]
         candidates = [r / DEFAULT_BUNDLE / "config.json" for r in roots]
