@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -208,6 +208,13 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     spec = ModelSpec.from_dict(config["spec"])
     thr = _read_json(folder / "thresholds.json")
     _refuse_pickle(weights)
+    unknown = sorted(set(thr) - {f.name for f in fields(Thresholds)}) if isinstance(thr, dict) \
+        else []
+    if unknown:
+        raise WeightsError(f"{folder / 'thresholds.json'} has thresholds this version of "
+                           f"usnet-wsi does not know: {', '.join(unknown)}",
+                           "upgrade usnet-wsi (the bundle was made by a newer one), or remove "
+                           "them from thresholds.json")
     try:
         thresholds = Thresholds(**thr)
     except TypeError as err:
