@@ -35,6 +35,8 @@ VARIANTS: dict[str, dict] = {
     "quality rank w=1, final>=0.7": {"quality_weight": 1.0, "final_score": 0.7},
     "cut-off pieces: max_edge_fraction 0.15": {"max_edge_fraction": 0.15},
     "keep_fraction 0.6": {"keep_fraction": 0.6},
+    "keep_fraction 0.4": {"keep_fraction": 0.4},
+    "keep_fraction 0.3": {"keep_fraction": 0.3},
     "mask threshold 0.4": {"mask_threshold": 0.4},
     "mask threshold 0.3": {"mask_threshold": 0.3},
     "mask threshold 0.2": {"mask_threshold": 0.2},
