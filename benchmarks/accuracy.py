@@ -140,11 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def bundle_config(weights: str | None) -> tuple[dict, Path | None]:
     """config.json of the bundle segment will use ({} when none is found)."""
+    roots = [REPO / "weights", REPO / "usnet_wsi" / "weights"]
     if weights:          # a bundle folder, or the name of a bundle shipped in the package
-        candidates = [Path(weights) / "config.json"] + [
-            r / weights / "config.json" for r in (REPO / "weights", REPO / "usnet_wsi" / "weights")]
+        candidates = [Path(weights) / "config.json"] + [r / weights / "config.json" for r in roots]
     else:
-        roots = [REPO / "weights", REPO / "usnet_wsi" / "weights"]
         candidates = [r / DEFAULT_BUNDLE / "config.json" for r in roots]
         candidates += sorted(c for r in roots for c in r.glob("*/config.json"))
     for path in candidates:

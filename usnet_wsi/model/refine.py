@@ -61,7 +61,7 @@ def crop_resize(images: torch.Tensor, batch_index: torch.Tensor, crops: torch.Te
 
     Each image is sampled once for all of its crops (the crops of one image are laid side by
     side in one sampling grid), so no image is ever copied per crop. Where the images hold
-    many crops each (inference), each image is sampled in its own call over exactly its
+    many crops each (`sample_crops`), each image is sampled in its own call over exactly its
     crops; where they hold about one each (training targets), in one call over all images.
     Every sample is computed alike either way, so the result does not depend on the grouping.
     """
@@ -69,10 +69,10 @@ def crop_resize(images: torch.Tensor, batch_index: torch.Tensor, crops: torch.Te
     if n == 0:
         return images.new_zeros((0, c, out, out))
     batch_index = batch_index.to(images.device).long()
+    if n >= _CROPS_PER_CALL * b:
+        return sample_crops([images], batch_index, crops, out, images.dtype)
     grid = _crop_grid(crops, out, (h, w), images.dtype, images.device)
     counts = torch.bincount(batch_index, minlength=b)
-    if n >= _CROPS_PER_CALL * b:
-        return _sample_per_image(images, batch_index, counts, grid)
     return _sample_padded(images, batch_index, counts, grid)
 
 
@@ -92,14 +92,14 @@ def _crop_grid(crops: torch.Tensor, out: int, hw: tuple[int, int], dtype: torch.
                         (2 * ys / h - 1)[:, :, None].expand(-1, -1, out)], dim=-1)
 
 
-@torch.no_grad()
 def sample_crops(sources: Sequence[torch.Tensor], batch_index: torch.Tensor,
                  crops: torch.Tensor, out: int, dtype: torch.dtype, split: int = 1
                  ) -> torch.Tensor:
-    """The refiner's input at inference: exactly the samples of
-    `crop_resize(torch.cat(sources, 1), batch_index, crops, out)`, written straight into one
-    (N, C, out, out) channels-last tensor of `dtype` (one conversion, no concatenated image,
-    no per-crop copies; `sources` are (B, C_j, H, W) float32 maps in any layout).
+    """The crops of `crop_resize(torch.cat(sources, 1), batch_index, crops, out)`, sampled one
+    call per image and written straight into one (N, C, out, out) channels-last tensor of
+    `dtype` (one conversion, no concatenated image, no per-crop copies; `sources` are
+    (B, C_j, H, W) float32 maps in any layout): the refiner's input at inference, and
+    `crop_resize` itself where the images hold many crops each. Autograd reaches `sources`.
 
     Each image's crops are sampled in one call, cut into `split` equal parts that form the
     batch of that call (over the image expanded, not copied): the CPU sampler runs one thread
@@ -153,23 +153,6 @@ def _sample(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     m, k, out = grid.shape[:3]
     return F.grid_sample(image, grid.reshape(m, k * out, out, 2), mode="bilinear",
                          padding_mode="border", align_corners=False)
-
-
-def _sample_per_image(images: torch.Tensor, batch_index: torch.Tensor, counts: torch.Tensor,
-                      grid: torch.Tensor) -> torch.Tensor:
-    """One sampling call per image over its own crops; (N, C, out, out), a view of a
-    (C, N, out, out) tensor (the caller's copy into the refiner's layout is the only one)."""
-    c, out = images.shape[1], grid.shape[1]
-    order = torch.argsort(batch_index, stable=True)
-    in_order = bool((order == torch.arange(len(order), device=order.device)).all())
-    parts = []
-    for i, idx in zip(torch.nonzero(counts).flatten().tolist(),
-                      order.split(counts[counts > 0].tolist())):
-        parts.append(_sample(images[i:i + 1], grid[idx][None]).view(c, len(idx), out, out))
-    sampled = torch.cat(parts, dim=1)
-    if not in_order:
-        sampled = sampled[:, torch.argsort(order)]
-    return sampled.permute(1, 0, 2, 3)
 
 
 def _sample_padded(images: torch.Tensor, batch_index: torch.Tensor, counts: torch.Tensor,
